@@ -1,0 +1,24 @@
+"""The `cosmos-train` command line: wiring only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from cosmos_train.cli import spec_cmds
+
+app = typer.Typer(
+    name="cosmos-train",
+    help="Post-train Cosmos-Predict2-style video diffusion transformers from one TOML spec.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+app.command()(spec_cmds.validate)
+app.command()(spec_cmds.show)
+app.command()(spec_cmds.schema)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

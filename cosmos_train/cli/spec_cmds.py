@@ -1,0 +1,46 @@
+"""`validate`, `show`, `schema`: look at a spec without running anything."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.syntax import Syntax
+
+from cosmos_train.cli.common import OverridesArg, SpecArg, console, handle_errors
+from cosmos_train.spec import json_schema, load_spec
+
+
+@handle_errors
+def validate(spec: SpecArg, overrides: OverridesArg = None) -> None:
+    """Check a spec; exit 2 with one line per problem.
+
+    Example: cosmos-train validate examples/2b_lora.toml parallel.cp=4
+    """
+    load_spec(spec, overrides or [])
+    console.print(f"[green]ok[/green] {spec}")
+
+
+@handle_errors
+def show(spec: SpecArg, overrides: OverridesArg = None) -> None:
+    """Print the resolved spec (base files and overrides applied) and the model size.
+
+    Example: cosmos-train show examples/2b_lora.toml parallel.cp=4
+    """
+    resolved = load_spec(spec, overrides or [])
+    console.print(Syntax(resolved.to_toml(), "toml", theme="ansi_dark", background_color="default"))
+    console.print(f"# run directory: {resolved.run_dir()}")
+    try:
+        from cosmos_train.models.dit import count_parameters
+    except ImportError:  # the model layer is optional for `show`
+        return
+    total, tensors = count_parameters(resolved.model.dit_config())
+    console.print(f"# model: preset {resolved.model.preset}, {total:,} parameters in {tensors} tensors")
+
+
+def schema(indent: int = typer.Option(2, help="JSON indentation.")) -> None:
+    """Print the JSON schema of the spec (for editors and validators).
+
+    Example: cosmos-train schema > spec.schema.json
+    """
+    typer.echo(json.dumps(json_schema(), indent=indent))

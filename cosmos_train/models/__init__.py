@@ -1,0 +1,1 @@
+"""Model layer: the DiT, tokenizer, diffusion objective and sampler, EMA, LoRA."""

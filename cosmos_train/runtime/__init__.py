@@ -1,0 +1,1 @@
+"""Runtime: process groups, device mesh, FSDP2, attention backends, context parallelism."""

@@ -1,0 +1,433 @@
+"""The experiment spec: Pydantic models, TOML loading with `base` files, dotted overrides.
+
+One TOML file describes a whole experiment. Every field has a type, a default and a
+description; a wrong field fails here, before any process group exists, with the
+dotted path of the field (`optimizer.lr: Input should be greater than 0 (got -1)`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cosmos_train.errors import SpecError
+from cosmos_train.models.presets import PRESETS, DiTConfig
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj", "mlp.layer1", "mlp.layer2"]
+OUTPUT_ROOT_ENV = "COSMOS_TRAIN_OUTPUT_ROOT"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- job
+class JobSpec(_Section):
+    project: str = Field("cosmos_train", description="Project name; first level of the run directory.")
+    group: str = Field("default", description="Group name; second level of the run directory.")
+    name: str = Field("run", description="Run name; last level of the run directory.")
+    output_root: str | None = Field(
+        None, description=f"Root of run directories; else ${OUTPUT_ROOT_ENV}, else ./outputs.")
+    seed: int = Field(0, ge=0, description="Seed for model init, data order and noise.")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(
+        "disabled", description="Weights & Biases mode; offline writes into the run directory.")
+
+
+# ------------------------------------------------------------------------- model
+class ArchitectureSpec(_Section):
+    """Overrides of the preset's architecture; unset fields keep the preset's value."""
+
+    model_channels: int | None = Field(None, gt=0, description="Hidden size D.")
+    num_blocks: int | None = Field(None, gt=0, description="Number of transformer blocks.")
+    num_heads: int | None = Field(None, gt=0, description="Attention heads (head_dim = D / heads).")
+    latent_channels: int | None = Field(None, gt=0, description="Latent channels of the tokenizer.")
+    patch_spatial: int | None = Field(None, gt=0, description="Spatial patch size.")
+    patch_temporal: int | None = Field(None, gt=0, description="Temporal patch size.")
+    context_dim: int | None = Field(None, gt=0, description="Text embedding width (T5-XXL: 1024).")
+    adaln_lora_dim: int | None = Field(None, gt=0, description="AdaLN-LoRA bottleneck width.")
+    mlp_ratio: float | None = Field(None, gt=0, description="MLP hidden size as a multiple of D.")
+    max_img_h: int | None = Field(None, gt=0, description="Largest latent height covered by RoPE.")
+    max_img_w: int | None = Field(None, gt=0, description="Largest latent width covered by RoPE.")
+    max_frames: int | None = Field(None, gt=0, description="Largest latent frame count covered by RoPE.")
+    rope_h_extrapolation_ratio: float | None = Field(None, gt=0, description="RoPE NTK ratio, height.")
+    rope_w_extrapolation_ratio: float | None = Field(None, gt=0, description="RoPE NTK ratio, width.")
+    rope_t_extrapolation_ratio: float | None = Field(None, gt=0, description="RoPE NTK ratio, time.")
+
+
+class LoraSpec(_Section):
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        description="Module name suffixes to adapt; a list or the upstream comma string.")
+    init_lora_weights: bool | Literal["gaussian"] = Field(
+        True, description="PEFT init: true (B = 0), false (random, for tests) or 'gaussian'.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_comma_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one module name")
+        return v
+
+
+class EmaSpec(_Section):
+    enabled: bool = Field(True, description="Keep a power-function EMA of the weights (net_ema.).")
+    s: float = Field(0.1, gt=0, lt=1, description="EMA width s; gamma solves s^-2 = (g+1)(g+2)^-2 (g+3).")
+
+
+class TokenizerSpec(_Section):
+    kind: Literal["space_to_depth"] = Field(
+        "space_to_depth", description="Video tokenizer; space_to_depth is exact and needs no weights.")
+    spatial_factor: int = Field(2, gt=0, description="Spatial compression of the space_to_depth tokenizer.")
+
+
+class ModelSpec(_Section):
+    preset: Literal["tiny", "2b", "14b"] = Field("tiny", description="Architecture preset.")
+    architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec,
+                                           description="Per-field overrides of the preset.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Video tokenizer.")
+    train_architecture: Literal["full", "lora"] = Field("full", description="Train all weights or LoRA adapters.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (train_architecture = 'lora').")
+    ema: EmaSpec = Field(default_factory=EmaSpec, description="EMA settings.")
+    keys_to_ignore: list[str] = Field(
+        default_factory=list,
+        description="Key prefixes allowed to be missing/unexpected when loading weights.")
+
+    def dit_config(self) -> DiTConfig:
+        """The preset with the architecture overrides applied."""
+        return PRESETS[self.preset].with_overrides(**self.architecture.model_dump())
+
+    @model_validator(mode="after")
+    def _lora_only_with_lora(self) -> "ModelSpec":
+        if self.train_architecture != "lora" and self.lora != LoraSpec():
+            raise ValueError("[lora] settings given but train_architecture is 'full'; "
+                             "set model.train_architecture = \"lora\" or remove [model.lora]")
+        cfg = self.dit_config()
+        if cfg.model_channels % cfg.num_heads:
+            raise ValueError(f"model_channels {cfg.model_channels} is not divisible by num_heads {cfg.num_heads}")
+        return self
+
+
+# -------------------------------------------------------------------------- data
+class DatasetEntry(_Section):
+    dataset_dir: str = Field(description="Dataset in the upstream layout (metas/, videos/, t5_xxl.zarr).")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight.")
+
+
+class DataSpec(_Section):
+    kind: Literal["synthetic", "video_folder"] = Field(
+        "synthetic", description="synthetic: generated clips (the embedded default); video_folder: your data.")
+    dataset_dir: str | None = Field(
+        None, description="Dataset directory (video_folder), or where synthetic data is cached.")
+    datasets: list[DatasetEntry] = Field(
+        default_factory=list, description="Several weighted datasets instead of dataset_dir.")
+    num_frames: int = Field(93, gt=0, description="Frames per clip; must be 4k+1 for the video tokenizer.")
+    video_size: tuple[int, int] = Field((704, 1280), description="Frame size [H, W] after resizing.")
+    batch_size: int = Field(1, gt=0, description="Clips per data-parallel rank per micro-step.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    text_dropout: float = Field(0.2, ge=0, le=1, description="Probability of dropping the text embedding.")
+    short_clips: Literal["skip", "error"] = Field(
+        "skip", description="Clips shorter than num_frames: skip with one warning, or fail.")
+    num_synthetic_clips: int = Field(8, gt=0, description="Clips generated for kind = 'synthetic'.")
+    validation_clips: int = Field(0, ge=0, description="Clips held out for the validation loss.")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_k_plus_one(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"must be 4k+1 (the tokenizer compresses time by 4 after the first frame), "
+                             f"e.g. {v - (v - 1) % 4} or {v - (v - 1) % 4 + 4}")
+        return v
+
+    @field_validator("video_size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) <= 0:
+            raise ValueError("both sizes must be > 0")
+        return v
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.num_frames - 1) // 4 + 1
+
+    @model_validator(mode="after")
+    def _dataset_given(self) -> "DataSpec":
+        if self.kind == "video_folder" and not self.dataset_dir and not self.datasets:
+            raise ValueError("kind = 'video_folder' needs data.dataset_dir or data.datasets")
+        if self.datasets and self.dataset_dir:
+            raise ValueError("give data.dataset_dir or data.datasets, not both")
+        return self
+
+
+# --------------------------------------------------------------------- optimizer
+class OptimizerSpec(_Section):
+    lr: float = Field(1e-4, gt=0, description="Base learning rate (the scheduler multiplies it).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    fused: Literal["auto", "on", "off"] = Field("auto", description="Fused AdamW: auto = on when on CUDA.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class SchedulerSpec(_Section):
+    kind: Literal["lambdalinear", "constant"] = Field("lambdalinear", description="LR multiplier schedule.")
+    warm_up_steps: list[int] = Field(default_factory=lambda: [1000], description="Warm-up per cycle.")
+    cycle_lengths: list[int] = Field(default_factory=lambda: [10_000_000_000_000],
+                                     description="Length of each cycle (cumulative).")
+    f_start: list[float] = Field(default_factory=lambda: [1e-6], description="Multiplier at step 0 of a cycle.")
+    f_max: list[float] = Field(default_factory=lambda: [1.0], description="Multiplier after warm-up.")
+    f_min: list[float] = Field(default_factory=lambda: [1.0], description="Multiplier at the end of a cycle.")
+
+    @model_validator(mode="after")
+    def _lengths_agree(self) -> "SchedulerSpec":
+        names = ("warm_up_steps", "cycle_lengths", "f_start", "f_max", "f_min")
+        lengths = {n: len(getattr(self, n)) for n in names}
+        if len(set(lengths.values())) != 1:
+            raise ValueError("warm_up_steps, cycle_lengths, f_start, f_max and f_min must have equal "
+                             "lengths (got " + ", ".join(f"{n}={k}" for n, k in lengths.items()) + ")")
+        for w, length in zip(self.warm_up_steps, self.cycle_lengths):
+            if w < 0 or length <= 0 or w > length:
+                raise ValueError(f"need 0 <= warm_up_steps <= cycle_lengths (got {w} and {length})")
+        return self
+
+
+# ----------------------------------------------------------------------- trainer
+class TrainerSpec(_Section):
+    max_iter: int = Field(1000, gt=0, description="Optimizer steps of the run.")
+    logging_iter: int = Field(10, gt=0, description="Log every this many steps.")
+    grad_accum_iter: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    validation_iter: int = Field(0, ge=0, description="Validation loss every this many steps (0 = off).")
+    validation_sigmas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0],
+                                           description="Fixed noise levels of the validation loss.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Parameter dtype in compute: auto = bf16 on CUDA, fp32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
+    loss_scale: float = Field(10.0, gt=0, description="Multiplier of the diffusion loss (upstream 10).")
+
+
+# ---------------------------------------------------------------------- parallel
+class ParallelSpec(_Section):
+    dp_replicate: int = Field(1, gt=0, description="Replicated data-parallel degree (HSDP when > 1).")
+    dp_shard: int = Field(-1, description="Sharded data-parallel degree; -1 takes the rest of the world.")
+    cp: int = Field(1, gt=0, description="Context-parallel degree; divides the latent frame count.")
+    cp_mode: Literal["ring", "a2a"] = Field("ring", description="ring (P2P K/V ring) or a2a (Ulysses).")
+    attention: Literal["auto", "sdpa", "te"] = Field(
+        "auto", description="Attention kernel: te (Transformer Engine), sdpa, or auto.")
+    activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered params after forward.")
+    timeout_s: int = Field(1800, gt=0, description="Collective timeout in seconds.")
+
+    @field_validator("dp_shard")
+    @classmethod
+    def _shard_degree(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be > 0, or -1 for the rest of the world")
+        return v
+
+
+# -------------------------------------------------------------------- checkpoint
+class CheckpointSpec(_Section):
+    save_iter: int = Field(500, gt=0, description="Save every this many steps (and at the end).")
+    load_path: str | None = Field(
+        None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir or hf://org/repo/file.")
+    load_training_state: bool = Field(False, description="Also load optimizer/scheduler/trainer from load_path.")
+    strict_resume: bool = Field(True, description="Missing or unexpected keys are an error.")
+    keys_not_to_resume: list[str] = Field(default_factory=list, description="Key prefixes skipped when loading.")
+    async_mode: Literal["off", "async", "async_pinned"] = Field(
+        "off", description="off: dcp.save; async: background write; async_pinned: pinned staging.")
+    keep_last: int | None = Field(None, gt=0, description="Keep only the newest N committed checkpoints.")
+    keep_every: int | None = Field(None, gt=0, description="Also keep every checkpoint whose step divides by this.")
+    load_ema_to_reg: bool = Field(False, description="Initialise the regular weights from the EMA weights.")
+    save_adapters_only: bool = Field(False, description="LoRA runs: save only adapter weights in model/.")
+    fallback_to_previous: bool = Field(
+        False, description="If the latest checkpoint is corrupt, load the previous committed one (warns).")
+
+
+# ------------------------------------------------------------------------- whole
+class ExperimentSpec(_Section):
+    """A whole experiment. Sections mirror the package: job, model, data, optimizer, ..."""
+
+    job: JobSpec = Field(default_factory=JobSpec, description="Names, output location, seed, W&B.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Architecture, LoRA, EMA.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Dataset and loader.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="AdamW.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="LR multiplier schedule.")
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec, description="The training loop.")
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec, description="Mesh, cp, attention, FSDP.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Saving and loading.")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "ExperimentSpec":
+        cp, latent_t = self.parallel.cp, self.data.latent_frames
+        if latent_t % cp:
+            raise ValueError(f"parallel.cp: must divide the latent frame count {latent_t} "
+                             f"(data.num_frames {self.data.num_frames} -> {latent_t} latent frames) (got {cp})")
+        heads = self.model.dit_config().num_heads
+        if self.parallel.cp_mode == "a2a" and heads % cp:
+            raise ValueError(f"parallel.cp: cp_mode 'a2a' needs num_heads ({heads}) divisible by cp (got {cp})")
+        h, w = self.data.video_size
+        if self.model.tokenizer.kind == "space_to_depth":
+            f = self.model.tokenizer.spatial_factor * self.model.dit_config().patch_spatial
+            if h % f or w % f:
+                raise ValueError(f"data.video_size: must be divisible by tokenizer spatial_factor x "
+                                 f"patch_spatial = {f} (got {list(self.data.video_size)})")
+        return self
+
+    def run_dir(self, env: dict[str, str] | None = None) -> Path:
+        """`{output_root}/{project}/{group}/{name}`; output_root from the spec, env, or ./outputs."""
+        env = os.environ if env is None else env
+        root = self.job.output_root or env.get(OUTPUT_ROOT_ENV) or "outputs"
+        return Path(root) / self.job.project / self.job.group / self.job.name
+
+    def to_toml(self) -> str:
+        """The resolved spec as TOML; `load_spec_text` of it gives back an equal spec."""
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+# ----------------------------------------------------------------------- loading
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: TOML syntax error: {e}") from None
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a spec file and its `base` files (relative paths, recursive), merged, `base` removed."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise SpecError(f"{path}: base files form a cycle: {cycle}")
+    data = _read_toml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise SpecError(f"{path}: base: must be a path string (got {base!r})")
+    return _deep_merge(load_raw(path.parent / base, (*_chain, path)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` -> (["a","b","c"], value); VALUE is parsed as TOML, else kept as a string."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError(f"override {text!r}: expected key.path=value, e.g. optimizer.lr=3e-5")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.split("."), parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `key.path=value` in a nested dict (a new dict is returned)."""
+    out = _deep_merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise SpecError(f"override {text!r}: {part} is not a section")
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _model_at(loc: tuple, model: type[BaseModel] = ExperimentSpec) -> type[BaseModel] | None:
+    """The Pydantic model class that owns the field at `loc[-1]`, following loc."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _format_error(err: dict, source: str) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    path = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        msg = "unknown key" + (f"; did you mean '{close[0]}'?" if close else "")
+        if valid:
+            msg += f" (valid: {', '.join(valid)})"
+        return f"{source}: {path}: {msg}"
+    if not loc and ": " in msg and " " not in msg.split(": ", 1)[0]:
+        return f"{source}: {msg}"  # cross-section check: the message starts with its own path
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {path}: {msg}{shown}"
+
+
+def validate_spec(data: dict[str, Any], source: str = "<spec>") -> ExperimentSpec:
+    """Validate a raw dict; raise SpecError with one line per problem."""
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError("\n".join(_format_error(err, source) for err in e.errors())) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+    """Load a TOML spec (with its `base` chain) and apply `key.path=value` overrides."""
+    data = apply_overrides(load_raw(path), list(overrides))
+    return validate_spec(data, str(path))
+
+
+def load_spec_text(text: str, source: str = "<string>") -> ExperimentSpec:
+    """Validate a spec given as TOML text (no `base` support)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{source}: TOML syntax error: {e}") from None
+    return validate_spec(data, source)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the spec."""
+    return ExperimentSpec.model_json_schema()
