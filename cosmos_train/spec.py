@@ -90,8 +90,9 @@ class EmaSpec(_Section):
 
 
 class TokenizerSpec(_Section):
-    kind: Literal["space_to_depth"] = Field(
-        "space_to_depth", description="Video tokenizer; space_to_depth is exact and needs no weights.")
+    kind: Literal["space_to_depth", "wan2.1"] = Field(
+        "space_to_depth",
+        description="Video tokenizer: space_to_depth (exact, no weights, tiny runs) or wan2.1 (the released VAE).")
     spatial_factor: int = Field(2, gt=0, description="Spatial compression of the space_to_depth tokenizer.")
 
 
@@ -288,6 +289,12 @@ class ExperimentSpec(_Section):
             raise ValueError(f"parallel.cp: cp_mode 'a2a' needs num_heads ({heads}) divisible by cp (got {cp})")
         h, w = self.data.video_size
         if self.model.tokenizer.kind == "space_to_depth":
+            s2d_channels = 3 * 4 * self.model.tokenizer.spatial_factor ** 2
+            if self.model.dit_config().latent_channels != s2d_channels:
+                raise ValueError(
+                    f"model.architecture.latent_channels: the space_to_depth tokenizer with spatial_factor "
+                    f"{self.model.tokenizer.spatial_factor} makes {s2d_channels} channels; set latent_channels = "
+                    f"{s2d_channels} or model.tokenizer.kind = \"wan2.1\" (got {self.model.dit_config().latent_channels})")
             f = self.model.tokenizer.spatial_factor * self.model.dit_config().patch_spatial
             if h % f or w % f:
                 raise ValueError(f"data.video_size: must be divisible by tokenizer spatial_factor x "

@@ -1,0 +1,54 @@
+"""AdamW and the LambdaLinear / constant learning-rate multiplier schedules."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from itertools import accumulate
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from cosmos_train.spec import OptimizerSpec, SchedulerSpec
+
+
+def build_optimizer(opt: OptimizerSpec, params, *, device_type: str) -> torch.optim.AdamW:
+    """AdamW over the trainable params; fused when asked, or on CUDA with `fused = "auto"`."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: check model.train_architecture and LoRA targets")
+    fused = opt.fused == "on" or (opt.fused == "auto" and device_type == "cuda")
+    return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                             weight_decay=opt.weight_decay, fused=fused or None)
+
+
+class LambdaLinear:
+    """Upstream LambdaLinear: per cycle, linear warm-up f_start -> f_max, then linear f_max -> f_min.
+
+    Cycles follow each other by cumulative `cycle_lengths`; past the last cycle the last
+    cycle's f_min holds.
+    """
+
+    def __init__(self, sch: SchedulerSpec):
+        self.sch = sch
+        self.cycle_ends = list(accumulate(sch.cycle_lengths))
+
+    def __call__(self, step: int) -> float:
+        i = bisect_right(self.cycle_ends, step)
+        if i == len(self.cycle_ends):
+            return self.sch.f_min[-1]
+        n = step - (self.cycle_ends[i - 1] if i else 0)
+        warm, length = self.sch.warm_up_steps[i], self.sch.cycle_lengths[i]
+        f_start, f_max, f_min = self.sch.f_start[i], self.sch.f_max[i], self.sch.f_min[i]
+        if n < warm:
+            return f_start + (f_max - f_start) * n / warm
+        return f_min + (f_max - f_min) * (length - n) / (length - warm)
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def build_scheduler(sch: SchedulerSpec, optimizer: torch.optim.Optimizer) -> LambdaLR:
+    """A LambdaLR whose multiplier follows the spec; its state_dict holds only the step count."""
+    fn = LambdaLinear(sch) if sch.kind == "lambdalinear" else _constant
+    return LambdaLR(optimizer, lr_lambda=fn)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from cosmos_train.optim import LambdaLinear, build_optimizer, build_scheduler
+from cosmos_train.spec import OptimizerSpec, SchedulerSpec
+
+
+def test_lambdalinear_matches_design_formula_by_hand():
+    f = LambdaLinear(SchedulerSpec(warm_up_steps=[10, 0], cycle_lengths=[110, 50],
+                                   f_start=[0.0, 1.0], f_max=[1.0, 0.5], f_min=[0.2, 0.0]))
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)          # f_start + (f_max - f_start) * 5/10
+    assert f(10) == pytest.approx(1.0)         # f_min + (f_max - f_min) * (110-10)/(110-10)
+    assert f(60) == pytest.approx(0.2 + 0.8 * 50 / 100)
+    assert f(110) == pytest.approx(0.5)        # second cycle starts at 110, no warm-up
+    assert f(135) == pytest.approx(0.5 * 25 / 50)
+    assert f(1000) == pytest.approx(0.0)       # past the last cycle: its f_min
+
+
+def test_upstream_lora_schedule_decays_to_zero():
+    f = LambdaLinear(SchedulerSpec(warm_up_steps=[0], cycle_lengths=[2000], f_start=[1e-6],
+                                   f_max=[0.6], f_min=[0.0]))
+    assert f(0) == pytest.approx(0.6) and f(1000) == pytest.approx(0.3) and f(2000) == 0.0
+
+
+def test_scheduler_multiplies_base_lr_and_only_trainable_params_are_optimised():
+    frozen, trained = torch.nn.Parameter(torch.ones(2), requires_grad=False), torch.nn.Parameter(torch.ones(2))
+    opt = build_optimizer(OptimizerSpec(lr=0.5), [frozen, trained], device_type="cpu")
+    assert opt.param_groups[0]["params"] == [trained]
+    sch = build_scheduler(SchedulerSpec(warm_up_steps=[4], cycle_lengths=[8], f_start=[0.0],
+                                        f_max=[1.0], f_min=[0.0]), opt)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    assert lrs == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5])
+
+
+def test_no_trainable_params_is_a_clear_error():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(OptimizerSpec(), [torch.nn.Parameter(torch.ones(1), requires_grad=False)],
+                        device_type="cpu")
