@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cosmos_train.cli import spec_cmds
+from cosmos_train.cli import run_cmds, spec_cmds
 
 app = typer.Typer(
     name="cosmos-train",
@@ -12,8 +12,11 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
+    add_completion=False,
 )
 
+app.command()(run_cmds.run)
+app.command()(run_cmds.resume)
 app.command()(spec_cmds.validate)
 app.command()(spec_cmds.show)
 app.command()(spec_cmds.schema)

@@ -38,9 +38,17 @@ def show(spec: SpecArg, overrides: OverridesArg = None) -> None:
     console.print(f"# model: preset {resolved.model.preset}, {total:,} parameters in {tensors} tensors")
 
 
-def schema(indent: int = typer.Option(2, help="JSON indentation.")) -> None:
-    """Print the JSON schema of the spec (for editors and validators).
+def schema(
+    indent: int = typer.Option(2, help="JSON indentation."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown field reference instead."),
+) -> None:
+    """Print the JSON schema of the spec (for editors and validators), or its Markdown reference.
 
     Example: cosmos-train schema > spec.schema.json
     """
+    if markdown:
+        from cosmos_train.spec_docs import spec_reference_markdown
+
+        typer.echo(spec_reference_markdown())
+        return
     typer.echo(json.dumps(json_schema(), indent=indent))

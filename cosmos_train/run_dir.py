@@ -1,0 +1,60 @@
+"""The run directory: where the resolved spec lives, and the check that a resume keeps the architecture."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cosmos_train.errors import SpecError
+from cosmos_train.spec import ExperimentSpec, load_spec
+
+SPEC_FILE = "spec.toml"
+# Changing any of these between a checkpoint and its resume would load weights into another network.
+ARCHITECTURE_SECTIONS = ("model.preset", "model.architecture", "model.tokenizer", "model.train_architecture",
+                         "model.lora")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def architecture_changes(old: ExperimentSpec, new: ExperimentSpec) -> list[str]:
+    """Dotted fields whose change would make the saved weights not fit: `field: old -> new`."""
+    a = _flatten(old.model_dump(mode="json"))
+    b = _flatten(new.model_dump(mode="json"))
+    fields = sorted(k for k in a.keys() | b.keys() if k.startswith(ARCHITECTURE_SECTIONS))
+    if old.model.train_architecture == new.model.train_architecture == "full":
+        fields = [f for f in fields if not f.startswith("model.lora")]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in fields if a.get(k) != b.get(k)]
+
+
+def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:
+    """Write the resolved spec atomically as RUN_DIR/spec.toml (it holds no secrets)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / SPEC_FILE
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".spec.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(spec.to_toml())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_run_dir(spec: ExperimentSpec, run_dir: Path | None = None) -> Path:
+    """Create the run dir and save the spec; refuse an architecture change against a saved spec."""
+    run_dir = Path(run_dir) if run_dir is not None else spec.run_dir()
+    saved = run_dir / SPEC_FILE
+    if saved.exists():
+        changes = architecture_changes(load_spec(saved), spec)
+        if changes:
+            raise SpecError(f"{saved}: the run was created with another architecture; start a new run "
+                            "(job.name=...) or restore these fields:\n" + "\n".join(changes))
+    write_spec(spec, run_dir)
+    return run_dir
