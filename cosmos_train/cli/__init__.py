@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cosmos_train.cli import run_cmds, spec_cmds
+from cosmos_train.cli import data, run_cmds, spec_cmds
 
 app = typer.Typer(
     name="cosmos-train",
@@ -20,6 +20,7 @@ app.command()(run_cmds.resume)
 app.command()(spec_cmds.validate)
 app.command()(spec_cmds.show)
 app.command()(spec_cmds.schema)
+app.add_typer(data.app, name="data", help="Check a dataset; convert upstream T5 embeddings.")
 
 
 def main() -> None:
