@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -44,7 +45,8 @@ def _worker(fn, rank, world_size, port, args, results):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Pickle here: tensors put on a Queue travel as shared-memory handles that vanish with this process.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # forward everything, including assertion failures
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -71,7 +73,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                 raise RankError(f"timed out after {timeout}s waiting for ranks; died: {dead}") from None
             if status == "error":
                 raise RankError(f"rank {rank} of {world_size} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)
