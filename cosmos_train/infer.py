@@ -1,0 +1,196 @@
+"""Video2World inference: condition on an input frame, sample a clip, decode, write an mp4.
+
+The architecture comes from the run's saved spec (found beside the checkpoint) unless a
+spec is given; LoRA adapters come from their PEFT directory (rank, alpha and targets
+from `adapter_config.json`), so nobody repeats them by hand.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+from cosmos_train.checkpoint.layout import find_run_dir
+from cosmos_train.checkpoint.sources import EMA, REG, Source, load_full_weights, resolve_load_path
+from cosmos_train.data.embeddings import EmbeddingStore
+from cosmos_train.data.video import resize_video, write_mp4
+from cosmos_train.errors import CheckpointError, CosmosTrainError
+from cosmos_train.models.dit import DiT
+from cosmos_train.models.lora import apply_lora, load_adapter
+from cosmos_train.models.sampler import sample
+from cosmos_train.models.tokenizer import build_tokenizer
+from cosmos_train.run_dir import SPEC_FILE
+from cosmos_train.runtime.attention import build_attention
+from cosmos_train.runtime.distributed import log
+from cosmos_train.spec import ExperimentSpec, load_spec
+
+MAX_TEXT_TOKENS = 512
+NUM_CONDITION_FRAMES = 1
+
+
+@dataclass
+class InferenceRequest:
+    """Everything one `infer` call needs; the CLI fills it from flags."""
+
+    checkpoint: Path | str
+    input: Path
+    prompt_embedding: str
+    output: Path
+    spec: Path | None = None
+    negative_embedding: str | None = None
+    lora: Path | None = None
+    guidance: float = 7.0
+    steps: int = 35
+    seed: int = 0
+    ema: bool = False
+    num_frames: int | None = None
+    fps: int = 16
+    device: str = "auto"
+
+
+# --------------------------------------------------------------------- inputs
+def load_embedding(ref: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text embedding, padded to 512 tokens: `.npy` [n, 1024] or `STORE.zarr:KEY` -> (emb, mask)."""
+    if ".zarr:" in ref:
+        store, key = ref.rsplit(":", 1)
+        if not Path(store).exists():
+            raise CosmosTrainError(f"{store}: embedding store not found")
+        return EmbeddingStore(store).get(key)
+    path = Path(ref)
+    if not path.exists():
+        raise CosmosTrainError(f"{path}: embedding file not found (expected .npy [n_tokens, 1024] or STORE.zarr:KEY)")
+    array = np.load(path, allow_pickle=False)
+    if array.ndim != 2 or not 0 < array.shape[0] <= MAX_TEXT_TOKENS:
+        raise CosmosTrainError(f"{path}: expected an array [n_tokens <= {MAX_TEXT_TOKENS}, dim] (got {array.shape})")
+    emb = torch.zeros(MAX_TEXT_TOKENS, array.shape[1], dtype=torch.float32)
+    emb[: array.shape[0]] = torch.from_numpy(array.astype(np.float32))
+    mask = torch.zeros(MAX_TEXT_TOKENS, dtype=torch.bool)
+    mask[: array.shape[0]] = True
+    return emb, mask
+
+
+def read_condition_frame(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """The conditioning frame as uint8 (3, H, W): an image, or the last frame of a clip."""
+    if not path.exists():
+        raise CosmosTrainError(f"{path}: input frame/clip not found")
+    last = None
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                last = frame.to_ndarray(format="rgb24")
+    except av.FFmpegError as e:
+        raise CosmosTrainError(f"{path}: cannot decode ({e})") from None
+    if last is None:
+        raise CosmosTrainError(f"{path}: no video frame in it")
+    frame = torch.from_numpy(last).permute(2, 0, 1)[:, None]  # (3, 1, H, W)
+    return resize_video(frame, size)[:, 0]
+
+
+# ---------------------------------------------------------------------- model
+def _spec_beside(checkpoint: Path) -> Path | None:
+    for parent in [checkpoint, *checkpoint.parents][:5]:
+        if (parent / SPEC_FILE).is_file():
+            return parent / SPEC_FILE
+    return None
+
+
+def resolve_spec(req: InferenceRequest, source: Source) -> ExperimentSpec:
+    """`--spec`, else the run's spec.toml beside the checkpoint; a clear error if neither exists."""
+    if req.spec is not None:
+        return load_spec(req.spec)
+    run_dir = find_run_dir(source.path) if source.kind == "dcp" else None
+    found = (run_dir / SPEC_FILE) if run_dir and (run_dir / SPEC_FILE).exists() else _spec_beside(source.path)
+    if found is None:
+        raise CosmosTrainError(f"{source}: no spec.toml beside the checkpoint; pass --spec SPEC.toml "
+                               "(the spec the model was trained with)")
+    return load_spec(found)
+
+
+def _file_has_lora(source: Source) -> bool:
+    if source.kind == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(source.path), "pt") as f:
+            return any(".lora_" in k for k in f.keys())
+    sd = torch.load(source.path, map_location="meta", weights_only=True, mmap=True)
+    return any(".lora_" in k for k in sd)
+
+
+def _load_dcp_model(model: torch.nn.Module, iter_dir: Path, *, prefix: str) -> None:
+    model_dir = iter_dir / "model"
+    if not (model_dir / ".metadata").exists():
+        raise CheckpointError(f"{model_dir / '.metadata'}: missing; not a DCP model checkpoint")
+    saved = set(FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata)
+    wanted = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    missing = sorted(set(wanted) - saved)
+    if missing:
+        raise CheckpointError(f"{model_dir}: {len(missing)} weights missing for this model, e.g. {missing[:3]}"
+                              + (" (saved without EMA? drop --ema)" if prefix == EMA else ""))
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(wanted, storage_reader=FileSystemReader(str(model_dir)),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+
+
+def build_inference_model(req: InferenceRequest, device: torch.device) -> tuple[DiT, ExperimentSpec]:
+    """The DiT with the checkpoint's weights (and the optional adapter), in eval mode on `device`."""
+    source = resolve_load_path(req.checkpoint)
+    spec = resolve_spec(req, source)
+    if source.kind != "dcp" and spec.model.train_architecture == "lora" and not _file_has_lora(source):
+        spec = spec.model_copy(deep=True)
+        spec.model.train_architecture = "full"  # a merged export: plain DiT weights
+        spec.model.lora = type(spec.model.lora)()
+    model = DiT(spec.model.dit_config(), attention=lambda: build_attention(spec.parallel.attention,
+                                                                            device_type=device.type))
+    if spec.model.train_architecture == "lora":
+        apply_lora(model, spec.model.lora)
+    if source.kind == "dcp":
+        _load_dcp_model(model, source.path, prefix=EMA if req.ema else REG)
+    else:
+        load_full_weights(source, model, ema_to_reg=req.ema)
+    if req.lora is not None:
+        load_adapter(model, req.lora)
+    log(f"loaded {'EMA ' if req.ema else ''}weights from {source}" + (f" + adapter {req.lora}" if req.lora else ""))
+    return model.to(device).eval(), spec
+
+
+# ----------------------------------------------------------------------- main
+def infer(req: InferenceRequest) -> Path:
+    """Sample one clip conditioned on `req.input` and write it to `req.output` (mp4)."""
+    device = torch.device("cuda" if req.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if req.device == "auto" else req.device))
+    model, spec = build_inference_model(req, device)
+    tokenizer = build_tokenizer(spec.model.tokenizer)
+    H, W = spec.data.video_size
+    T = req.num_frames or spec.data.num_frames
+    C, Tl, Hl, Wl = tokenizer.latent_shape(T, H, W)
+
+    video = torch.zeros(1, 3, T, H, W, dtype=torch.uint8)
+    video[0, :, 0] = read_condition_frame(Path(req.input), (H, W))
+    condition_latent = tokenizer.encode(video.to(device))
+    emb, mask = load_embedding(req.prompt_embedding)
+    if req.negative_embedding is not None:
+        neg, neg_mask = load_embedding(req.negative_embedding)
+    else:  # the empty prompt: what text dropout trains for
+        neg, neg_mask = torch.zeros_like(emb), torch.zeros_like(mask)
+    guided = req.guidance != 1.0
+    latent = sample(model, condition_latent=condition_latent, num_condition_frames=NUM_CONDITION_FRAMES,
+                    shape=(1, C, Tl, Hl, Wl), text_emb=emb[None].to(device), text_mask=None,
+                    neg_emb=neg[None].to(device) if guided else None, neg_mask=None,
+                    steps=req.steps, guidance=req.guidance, seed=req.seed)
+    del mask, neg_mask  # upstream conditions on the zero-padded embedding without a key mask
+    frames = tokenizer.decode(latent)[0].permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+    out = Path(req.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.mp4")
+    write_mp4(tmp, frames, fps=req.fps, lossless=False)
+    tmp.replace(out)
+    log(f"wrote {out}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}")
+    return out

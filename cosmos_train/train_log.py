@@ -1,0 +1,78 @@
+"""Training logs: a JSONL file in the run dir, Weights & Biases, and a rich progress bar (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cosmos_train.errors import CosmosTrainError
+from cosmos_train.runtime.distributed import log
+from cosmos_train.spec import ExperimentSpec
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _start_wandb(spec: ExperimentSpec, run_dir: Path, *, resume_step: int):
+    mode = spec.job.wandb_mode
+    if mode == "disabled":
+        return None
+    import wandb
+
+    if mode == "online" and not wandb.login(prompt=False, verify=False):
+        raise CosmosTrainError("job.wandb_mode: 'online' needs a W&B API key (run `wandb login` or set "
+                               "WANDB_API_KEY), or use wandb_mode = \"offline\" / \"disabled\"")
+    return wandb.init(project=spec.job.project, group=spec.job.group, name=spec.job.name, mode=mode,
+                      dir=str(run_dir), config=spec.model_dump(mode="json"), resume="allow",
+                      id=f"{spec.job.group}-{spec.job.name}".replace("/", "-"))
+
+
+class TrainLog:
+    """Rank-0 sink for metrics; other ranks get a no-op instance (`enabled=False`)."""
+
+    def __init__(self, spec: ExperimentSpec, run_dir: Path, *, enabled: bool, start_step: int, show_progress: bool):
+        self.enabled = enabled
+        self.max_iter = spec.trainer.max_iter
+        self._file = self._wandb = self._progress = None
+        if not enabled:
+            return
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "logs" / METRICS_FILE, "a")
+        self._wandb = _start_wandb(spec, run_dir, resume_step=start_step)
+        if show_progress:
+            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                      TimeRemainingColumn(), transient=False)
+            self._task = self._progress.add_task("train", total=self.max_iter, completed=start_step, status="")
+            self._progress.start()
+
+    def step(self, step: int, status: str = "") -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, status=status)
+
+    def write(self, step: int, metrics: dict[str, Any], *, kind: str = "train") -> None:
+        """Append one record (JSONL + W&B) and print a line."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items()}, step=step)
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        line = f"[{kind}] step {step}/{self.max_iter} {text}"
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False)
+        else:
+            log(line)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
