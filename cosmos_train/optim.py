@@ -48,7 +48,23 @@ def _constant(step: int) -> float:
     return 1.0
 
 
+class SpecLambdaLR(LambdaLR):
+    """LambdaLR whose state is only counters: the multiplier function comes from the spec.
+
+    (LambdaLR would pickle a callable object's __dict__ into its state; a checkpoint must hold
+    plain values, and a resumed run should follow the schedule of its current spec.)
+    """
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd.pop("lr_lambdas", None)
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
+
+
 def build_scheduler(sch: SchedulerSpec, optimizer: torch.optim.Optimizer) -> LambdaLR:
-    """A LambdaLR whose multiplier follows the spec; its state_dict holds only the step count."""
+    """A LambdaLR whose multiplier follows the spec; its state_dict holds only counters."""
     fn = LambdaLinear(sch) if sch.kind == "lambdalinear" else _constant
-    return LambdaLR(optimizer, lr_lambda=fn)
+    return SpecLambdaLR(optimizer, lr_lambda=fn)

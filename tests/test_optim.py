@@ -41,3 +41,21 @@ def test_no_trainable_params_is_a_clear_error():
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(OptimizerSpec(), [torch.nn.Parameter(torch.ones(1), requires_grad=False)],
                         device_type="cpu")
+
+
+def test_scheduler_state_is_plain_counters_and_round_trips():
+    p = torch.nn.Parameter(torch.ones(1))
+    spec = SchedulerSpec(warm_up_steps=[4], cycle_lengths=[8], f_start=[0.0], f_max=[1.0], f_min=[0.0])
+    opt = build_optimizer(OptimizerSpec(lr=1.0), [p], device_type="cpu")
+    sch = build_scheduler(spec, opt)
+    for _ in range(3):
+        opt.step()
+        sch.step()
+    state = sch.state_dict()
+    assert "lr_lambdas" not in state and state["last_epoch"] == 3
+    opt2 = build_optimizer(OptimizerSpec(lr=1.0), [torch.nn.Parameter(torch.ones(1))], device_type="cpu")
+    sch2 = build_scheduler(spec, opt2)
+    sch2.load_state_dict(state)
+    opt2.step()
+    sch2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1.0)  # step 4: end of warm-up

@@ -132,6 +132,6 @@ def build_parallel_dims(parallel: ParallelSpec, world_size: int) -> ParallelDims
         raise CosmosTrainError(
             f"parallel: dp_replicate*dp_shard*cp = {rep}*{shard}*{cp} = {rep * shard * cp}, but the job "
             f"has {world_size} processes; set parallel.dp_shard = -1 to use the rest, or change the degrees")
-    if parallel.cp == 1 and "cp_mode" in parallel.model_fields_set:
+    if parallel.cp == 1 and parallel.cp_mode != "ring":  # "ring" is the default: only warn on a real choice
         warn(f"parallel.cp_mode = {parallel.cp_mode!r} has no effect with parallel.cp = 1")
     return ParallelDims(dp_replicate=rep, dp_shard=shard, cp=cp, world_size=world_size)
