@@ -19,7 +19,7 @@ def infer(
     spec: Annotated[Path | None, typer.Option("--spec", help="Spec of the model; default: the run's spec.toml beside the checkpoint.")] = None,
     negative_embedding: Annotated[str | None, typer.Option("--negative-embedding", help="Negative prompt embedding (default: empty prompt).")] = None,
     lora: Annotated[Path | None, typer.Option("--lora", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors).")] = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 7.0,
+    guidance: Annotated[float, typer.Option(help="Guidance g in x0 = x0_neg + g (x0_pos - x0_neg); 1 = none. (Upstream writes x0_pos + g (x0_pos - x0_neg): its g is g - 1 here.)")] = 7.0,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 35,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = False,

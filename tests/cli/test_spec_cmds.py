@@ -31,6 +31,7 @@ def test_show_applies_overrides():
     r = runner.invoke(app, ["show", str(ROOT / "examples/2b_lora.toml"), "parallel.cp=4"])
     assert r.exit_code == 0, r.output
     assert "cp = 4" in r.output
+    assert "1,956,413,440 parameters in 567 tensors" in r.output
 
 
 def test_schema_is_json():
