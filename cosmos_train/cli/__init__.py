@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cosmos_train.cli import data, infer, run_cmds, spec_cmds
+from cosmos_train.cli import data, infer, inspect, run_cmds, spec_cmds
 
 app = typer.Typer(
     name="cosmos-train",
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.command()(run_cmds.run)
 app.command()(run_cmds.resume)
 app.command()(infer.infer)
+app.command()(inspect.inspect)
 app.command()(spec_cmds.validate)
 app.command()(spec_cmds.show)
 app.command()(spec_cmds.schema)

@@ -1,0 +1,148 @@
+"""Checkpoint save/load throughput on an FSDP2 model (>= 1 GB, many tensors) on 2 gloo ranks (CPU).
+
+    python benchmarks/checkpoint_save.py [--gb 1.0] [--dir /tmp/ckbench] [--ranks 2]
+
+Baseline: the same bytes written from Python with fsync (each rank writes its shard
+to one file), i.e. the disk limit. Measured with the project's Checkpointer:
+sync save (async_mode=off), async blocking and total, async_pinned blocking and
+total (its second save reuses the staging buffers), and resume (load). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cosmos_train.checkpoint.manager import Checkpointer  # noqa: E402
+from cosmos_train.spec import CheckpointSpec  # noqa: E402
+from tests.dist import run_ranks  # noqa: E402
+
+WIDTH = 1024
+
+
+def _model(gb: float):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    n = max(1, int(gb * 1e9 / (WIDTH * WIDTH * 4)))  # fp32 [1024, 1024] tensors of 4 MiB
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList()
+    with torch.device("meta"):
+        for _ in range(n):
+            model.blocks.append(torch.nn.Linear(WIDTH, WIDTH, bias=False))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for i in range(0, n, 16):  # groups of 16 layers per FSDP unit, like transformer blocks
+        fully_shard(list(model.blocks[i:i + 16]), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(dist.get_rank())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().uniform_(-1, 1, generator=g)
+    return model, n
+
+
+def _max(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _bench(rank, world, root, gb):
+    root = Path(root)
+    model, n = _model(gb)
+    local = [p.detach().to_local() for p in model.parameters()]
+    nbytes_local = sum(t.numel() * t.element_size() for t in local)
+    t = torch.tensor([nbytes_local], dtype=torch.float64)
+    dist.all_reduce(t)
+    total_bytes = t.item()
+    out = {"tensors": n, "model_gb": round(total_bytes / 1e9, 3), "ranks": world}
+
+    # Baseline: raw write of the same bytes with fsync (one file per rank).
+    dist.barrier()
+    t0 = time.perf_counter()
+    raw = root / "raw"
+    raw.mkdir(exist_ok=True)
+    with open(raw / f"rank{rank}.bin", "wb") as f:
+        for x in local:
+            f.write(x.numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    raw_s = _max(time.perf_counter() - t0)
+    out["raw_write_s"] = raw_s
+    out["raw_write_gbps"] = total_bytes / raw_s / 1e9
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(raw)
+
+    def run(mode, steps):
+        ck = Checkpointer(CheckpointSpec(save_iter=1, async_mode=mode, keep_last=1), root / mode, model=model)
+        res = []
+        for step in steps:
+            dist.barrier()
+            t0 = time.perf_counter()
+            ck.save(step)
+            blocking = _max(time.perf_counter() - t0)
+            ck.wait()
+            total = _max(time.perf_counter() - t0)
+            res.append((blocking, total))
+        ck.close()
+        return res
+
+    (b, s), = run("off", [1])
+    out["sync_save_s"] = s
+    out["sync_save_gbps"] = total_bytes / s / 1e9
+    (b, s), = run("async", [1])
+    out["async_blocking_s"], out["async_total_s"] = b, s
+    (b1, s1), (b2, s2) = run("async_pinned", [1, 2])
+    out["async_pinned_first_blocking_s"], out["async_pinned_first_total_s"] = b1, s1
+    out["async_pinned_blocking_s"], out["async_pinned_total_s"] = b2, s2
+
+    # Resume throughput: a fresh (uninitialised) model of the same shape loads the sync checkpoint.
+    model2, _ = _model(gb)
+    ck = Checkpointer(CheckpointSpec(), root / "off", model=model2)
+    dist.barrier()
+    t0 = time.perf_counter()
+    assert ck.load() == 1
+    load_s = _max(time.perf_counter() - t0)
+    ck.close()
+    same = all(torch.equal(a.to_local(), c.to_local()) for a, c in zip(model.parameters(), model2.parameters()))
+    out["load_s"], out["load_gbps"], out["load_bitwise_equal"] = load_s, total_bytes / load_s / 1e9, same
+    out["ratio_sync_vs_raw"] = out["sync_save_gbps"] / out["raw_write_gbps"]
+    out["ratio_async_blocking_vs_sync"] = out["async_blocking_s"] / out["sync_save_s"]
+    out["ratio_async_pinned_blocking_vs_sync"] = out["async_pinned_blocking_s"] / out["sync_save_s"]
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=1.0, help="model size in GB (fp32)")
+    ap.add_argument("--dir", default="/tmp/cosmos_ckpt_bench", help="scratch dir (removed afterwards)")
+    ap.add_argument("--ranks", type=int, default=2)
+    args = ap.parse_args()
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    need = 6 * args.gb * 1e9
+    if free < need:
+        sys.exit(f"need ~{need / 1e9:.1f} GB free under {root}, have {free / 1e9:.1f} GB")
+    try:
+        res = run_ranks(_bench, args.ranks, str(root), args.gb, timeout=900)[0]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    res["device"] = "cpu (gloo)"
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Small collective helpers for the checkpoint protocol; every one degrades to a no-op on one process."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+
+class IdentityStager:
+    """An AsyncStager that returns what it is given (we stage ourselves, before the hand-off)."""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict, **_):
+        return state_dict
+
+    def synchronize_staging(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line per failing rank for DCP's CheckpointException (its str() holds whole tracebacks)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, (x, _) in sorted(e.failures.items()))
+    return f"{type(e).__name__}: {e}"
+
+
+def dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(pg=None) -> int:
+    return dist.get_rank(pg) if dist_on() else 0
+
+
+def world(pg=None) -> int:
+    return dist.get_world_size(pg) if dist_on() else 1
+
+
+def agree(value, pg=None):
+    """Rank 0's `value`, on every rank."""
+    if world(pg) == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, group=pg, group_src=0)
+    return box[0]
+
+
+def barrier(pg=None) -> None:
+    if world(pg) > 1:
+        dist.barrier(group=pg)

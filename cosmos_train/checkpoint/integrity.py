@@ -1,0 +1,141 @@
+"""Checkpoint integrity: a manifest of files, sizes and CRC32s, and checks that read no tensors.
+
+`MANIFEST.json` sits next to the parts of an iteration and is written before
+`COMMITTED`. `verify` compares the files on disk against it (and, for every part,
+the DCP `.metadata` against the shard files it points into). Upstream iteration
+dirs have no manifest; only the DCP metadata checks apply to them.
+
+CRC32 (stdlib zlib, ~5 GB/s here) is the checksum: it detects truncation and bit
+rot, not tampering, which is all a training checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+from cosmos_train.checkpoint.layout import COMMITTED_MARKER, PARTS
+from cosmos_train.errors import CheckpointError
+
+MANIFEST_FILE = "MANIFEST.json"
+MANIFEST_FORMAT = 1
+ALGORITHM = "crc32"
+_CHUNK = 8 << 20
+
+
+def checksum_file(path: str | Path) -> str:
+    """CRC32 of a file's bytes as 8 hex digits, read in 8 MiB chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def file_entry(root: str | Path, rel: str) -> dict:
+    """`{"size", "crc32"}` of `root/rel`."""
+    p = Path(root) / rel
+    return {"size": p.stat().st_size, ALGORITHM: checksum_file(p)}
+
+
+def data_files(iter_dir: str | Path) -> list[str]:
+    """Relative paths of every file of the iteration that the manifest covers, sorted."""
+    root = Path(iter_dir)
+    skip = {MANIFEST_FILE, COMMITTED_MARKER}
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in skip)
+
+
+def write_manifest(iter_dir: str | Path, entries: dict[str, dict], *, extra: dict | None = None) -> Path:
+    """Write `MANIFEST.json` (fsynced) with `entries` {relative path: {"size", "crc32"}}."""
+    from cosmos_train.checkpoint.layout import atomic_write_text
+
+    doc = {"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, **(extra or {}),
+           "files": dict(sorted(entries.items()))}
+    path = Path(iter_dir) / MANIFEST_FILE
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def read_manifest(iter_dir: str | Path) -> dict | None:
+    """The parsed manifest, or None if the iteration has none (upstream checkpoint)."""
+    p = Path(iter_dir) / MANIFEST_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: manifest is not valid JSON ({e})") from None
+
+
+def _dcp_metadata_problems(part_dir: Path) -> list[str]:
+    """Every shard file named in the part's `.metadata` exists and is long enough."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta_path = part_dir / ".metadata"
+    if not meta_path.is_file():
+        return [f"{meta_path}: missing DCP metadata file"]
+    try:
+        md = FileSystemReader(str(part_dir)).read_metadata()
+    except Exception as e:  # unpickling a truncated/garbage file raises many kinds of errors
+        return [f"{meta_path}: unreadable DCP metadata ({type(e).__name__}: {e})"]
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for rel, end in sorted(need.items()):
+        f = part_dir / rel
+        if not f.is_file():
+            problems.append(f"{f}: shard file named in {meta_path.name} is missing")
+        elif (size := f.stat().st_size) < end:
+            problems.append(f"{f}: truncated ({size} bytes, metadata needs {end})")
+    return problems
+
+
+def verify(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:
+    """Problems found in an iteration dir, as messages naming the file; [] means it is intact.
+
+    Checks the manifest (presence, sizes, and CRC32s when `checksums`) and each part's
+    DCP metadata against its shard files. Loads no tensors.
+    """
+    root = Path(iter_dir)
+    if not root.is_dir():
+        return [f"{root}: not a directory"]
+    problems: list[str] = []
+    try:
+        manifest = read_manifest(root)
+    except CheckpointError as e:
+        manifest, problems = None, [str(e)]
+    if manifest is not None:
+        for rel, want in manifest.get("files", {}).items():
+            f = root / rel
+            if not f.is_file():
+                problems.append(f"{f}: missing (listed in {MANIFEST_FILE})")
+                continue
+            size = f.stat().st_size
+            if size != want["size"]:
+                problems.append(f"{f}: size {size} bytes, manifest says {want['size']}")
+            elif checksums and checksum_file(f) != want[ALGORITHM]:
+                problems.append(f"{f}: {ALGORITHM} mismatch (contents changed since the save)")
+    parts = [p for p in PARTS if (root / p).is_dir()]
+    if not parts:
+        problems.append(f"{root}: no checkpoint parts ({', '.join(PARTS)}) found")
+    for part in parts:
+        problems += [p for p in _dcp_metadata_problems(root / part) if p not in problems]
+    return problems
+
+
+def check_loadable(iter_dir: str | Path, parts: tuple[str, ...] = PARTS) -> None:
+    """Raise CheckpointError naming the iteration and file if a needed part is missing or damaged.
+
+    Cheap (sizes and DCP metadata only), so it runs before every load.
+    """
+    root = Path(iter_dir)
+    wanted = tuple(str(root / part) + "/" for part in parts) + (str(root / MANIFEST_FILE),)
+    problems = [p for p in verify(root, checksums=False) if p.startswith(wanted)]
+    for part in parts:
+        if not (root / part).is_dir():
+            problems.insert(0, f"{root / part}: part directory missing")
+    if problems:
+        shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {root.name} ({root}) is damaged:\n  {shown}")
