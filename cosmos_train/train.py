@@ -50,6 +50,7 @@ class TrainResult:
     end_step: int
     losses: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)
+    step_seconds: dict[int, float] = field(default_factory=dict)  # wall time of each step, saves excluded
     preempted: bool = False
 
 
@@ -184,6 +185,7 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
     samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
     window_loss, window_start, window_steps, window_saves = 0.0, time.perf_counter(), 0, len(ckpt.stats)
     for step in range(result.start_step, tr.max_iter):
+        step_start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
         for micro in range(tr.grad_accum_iter):
@@ -209,6 +211,7 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
         state.step = result.end_step = done
         loss_value = _mean_over_ranks(loss_sum / tr.grad_accum_iter)
         result.losses[done] = loss_value
+        result.step_seconds[done] = time.perf_counter() - step_start
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
         tlog.step(done, f"loss {loss_value:.4f}")
 
