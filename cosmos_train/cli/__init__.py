@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cosmos_train.cli import data, infer, inspect, run_cmds, spec_cmds
+from cosmos_train.cli import consolidate, data, infer, inspect, run_cmds, spec_cmds
 
 app = typer.Typer(
     name="cosmos-train",
@@ -17,6 +17,8 @@ app = typer.Typer(
 
 app.command()(run_cmds.run)
 app.command()(run_cmds.resume)
+app.command()(consolidate.consolidate)
+app.command()(consolidate.convert)
 app.command()(infer.infer)
 app.command()(inspect.inspect)
 app.command()(spec_cmds.validate)

@@ -1,0 +1,351 @@
+"""DCP checkpoint -> one `.pt` / `.safetensors` (or a PEFT adapter dir), streamed in bounded memory.
+
+Upstream conversion (`dcp_to_torch_save`) loads the whole model, then pickles it.
+Here the DCP metadata gives every key's dtype and shape, the output's layout is
+written from that, and the tensors are read from the shard files a bounded group
+at a time (`_GROUP_BYTES`, or one tensor if larger, into one reused buffer) and
+written straight to the output. Peak memory above the interpreter is that buffer
+plus the chunk DCP is copying in (plus one converted tensor with `dtype`),
+whatever the model size: about 0.15-0.25 GiB for DiT-2B/14B-shaped fp32 tensors
+(largest 64 MiB for 2B; 400 MiB for 14B makes it ~1 GiB).
+
+Keys: the DCP model part holds `net.<fqn>` (regular) and `net_ema.<fqn>` (EMA).
+The default export is `net.*` under `prefix` ("net." like released Cosmos
+checkpoints); `ema=True` exports `net_ema.*` under `prefix`; `both=True` keeps
+both sets as stored. `_extra_state` entries are dropped, as upstream loaders do.
+
+Everything is written under a temp name next to the output and renamed into
+place at the end, so an error (missing shard, failed verification, Ctrl-C)
+leaves no half-written output behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cosmos_train.checkpoint import lora_export
+from cosmos_train.checkpoint.dcp_reader import DcpTensorReader, group_by_bytes
+from cosmos_train.checkpoint.layout import find_run_dir, resolve_iteration_dir
+from cosmos_train.checkpoint.tensor_files import TensorEntry, open_tensor_file
+from cosmos_train.errors import CheckpointError, CosmosTrainError
+
+log = logging.getLogger(__name__)
+
+# Tensors are read from DCP in groups of at most this many bytes (a larger tensor is read alone):
+# few enough dcp.load calls to be as fast as one full load, small next to any real model.
+_GROUP_BYTES = 64 << 20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REGULAR, EMA = "net.", "net_ema."
+
+
+@dataclass
+class ConsolidateReport:
+    """What `consolidate` wrote and what it cost."""
+
+    iteration_dir: Path
+    outputs: list[Path]
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    verified: bool = False
+    dropped_keys: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: tensors, bytes, seconds, throughput, peak RSS, output."""
+        gb = self.bytes / 1e9
+        rate = gb / self.seconds if self.seconds > 0 else float("inf")
+        where = self.outputs[0] if len(self.outputs) == 1 else f"{self.outputs[0].parent} ({len(self.outputs)} files)"
+        verified = ", verified" if self.verified else ""
+        tensors = f"{self.tensors} tensor{'' if self.tensors == 1 else 's'}"
+        return (f"{tensors}, {gb:.3f} GB in {self.seconds:.1f} s ({rate:.2f} GB/s), "
+                f"peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB{verified} -> {where}")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`"bf16"` -> torch.bfloat16; None stays None (keep stored dtypes)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise CosmosTrainError(f"--dtype: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def default_output(iteration_dir: Path, *, ema: bool = False, dtype: str | torch.dtype | None = None,
+                   merge_lora: bool = False, adapter_only: bool = False, suffix: str = ".pt") -> Path:
+    """`RUN_DIR/consolidated/iter_000000200[_ema][_merged][_bf16].pt` (`..._adapter/` with adapter_only).
+
+    RUN_DIR is the parent of `checkpoints/`; an iteration dir elsewhere gets
+    `consolidated/` next to it.
+    """
+    iteration_dir = Path(iteration_dir)
+    root = iteration_dir.parent.parent if iteration_dir.parent.name == "checkpoints" else iteration_dir.parent
+    name = iteration_dir.name + ("_ema" if ema else "")
+    dt = parse_dtype(dtype)
+    dt_name = next((k for k, v in DTYPES.items() if v == dt), None)
+    if adapter_only:
+        return root / "consolidated" / f"{name}{'_' + dt_name if dt_name else ''}_adapter"
+    name += "_merged" if merge_lora else ""
+    name += f"_{dt_name}" if dt_name else ""
+    return root / "consolidated" / f"{name}{suffix}"
+
+
+# ------------------------------------------------------------------------------------ key plan
+@dataclass(frozen=True)
+class _Item:
+    """One output tensor: its entry and the source keys it is computed from."""
+
+    out: TensorEntry
+    sources: tuple[str, ...]  # 1 key (copy) or (base, lora_A, lora_B) (merge)
+    source_bytes: int
+
+
+def _select(reader: DcpTensorReader, *, ema: bool, both: bool, prefix: str) -> tuple[dict[str, str], list[str]]:
+    """`({source key: output key}, dropped keys)` for the chosen weight set."""
+    dropped = [k for k in [*reader.entries, *reader.non_tensor_keys] if k.rsplit(".", 1)[-1] == "_extra_state"]
+    if other := [k for k in reader.non_tensor_keys if k not in dropped]:
+        log.warning("skipping %d non-tensor entries (e.g. %s)", len(other), other[0])
+    keys = [k for k in reader.entries if k not in set(dropped)]
+    if both:
+        if prefix != REGULAR:
+            raise CosmosTrainError("--prefix cannot be combined with --both (both keeps net. and net_ema. as stored)")
+        mapping = {k: k for k in keys if k.startswith((REGULAR, EMA))}
+    else:
+        src = EMA if ema else REGULAR
+        mapping = {k: prefix + k[len(src):] for k in keys if k.startswith(src)}
+    if not mapping:
+        seen = sorted({k.split(".", 1)[0] + "." for k in keys})
+        what = "EMA weights (net_ema.*); was the run trained with model.ema.enabled = false?" if ema and not both \
+            else "weights under net. / net_ema."
+        raise CheckpointError(f"checkpoint has no {what} (top-level key prefixes found: {', '.join(seen) or 'none'})")
+    return mapping, dropped
+
+
+def _plan(reader: DcpTensorReader, mapping: dict[str, str], *, dtype: torch.dtype | None,
+          merge: lora_export.LoraScale | None) -> list[_Item]:
+    """Output items in stored order, with LoRA triples folded into one item when merging."""
+    items: list[_Item] = []
+    if merge is not None:
+        triples = lora_export.find_lora_triples(list(mapping))
+        consumed = {k for t in triples.values() for k in t}
+    else:
+        triples, consumed = {}, set()
+    base_to_merged = {t[0]: merged for merged, t in triples.items()}
+    for src, out in mapping.items():
+        if src in consumed and src not in base_to_merged:
+            continue  # lora_A / lora_B: folded into their base weight
+        e = reader.entries[src]
+        sources: tuple[str, ...] = (src,)
+        if src in base_to_merged:
+            sources = triples[base_to_merged[src]]
+        if merge is not None:
+            out = out.replace(".base_layer.", ".")  # PEFT wrapper name -> the plain module's
+        out_dtype = dtype if dtype is not None and e.dtype.is_floating_point else e.dtype
+        nbytes = sum(reader.entries[k].nbytes for k in sources)
+        items.append(_Item(TensorEntry(out, out_dtype, e.shape), sources, nbytes))
+    return items
+
+
+def _produce(item: _Item, loaded: dict[str, torch.Tensor], merge: lora_export.LoraScale | None) -> torch.Tensor:
+    """The output tensor of `item` from its loaded sources."""
+    if len(item.sources) == 3:
+        t = lora_export.merge_triple(item.sources, tuple(loaded[k] for k in item.sources), merge)
+    else:
+        t = loaded[item.sources[0]]
+    return t if t.dtype == item.out.dtype else t.to(item.out.dtype)
+
+
+def _iter_outputs(reader: DcpTensorReader, items: list[_Item], merge):
+    """Yield `(item, tensor)` in order, reading sources a bounded group at a time."""
+    for chunk in group_by_bytes(items, _GROUP_BYTES, size=lambda it: it.source_bytes):
+        loaded = reader.load([k for it in chunk for k in it.sources])
+        for it in chunk:
+            t = _produce(it, loaded, merge)
+            for k in it.sources:
+                loaded.pop(k, None)  # free the source as soon as its output exists
+            yield it, t
+            del t
+
+
+# ----------------------------------------------------------------------------------- writers
+def _open_writers(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_size: int | None):
+    """`(write(name, t), close(), [(temp file, final path)])` for the output format."""
+    from cosmos_train.checkpoint import safetensors_io as st
+
+    name = out.name
+    if name.endswith((".pt", ".pth")):
+        if max_shard_size is not None:
+            raise CosmosTrainError("--max-shard-size applies to .safetensors outputs only")
+        from cosmos_train.checkpoint.pt_io import PtWriter
+
+        w = PtWriter(tmp / name, [(e.key, e.dtype, e.shape) for e in entries])
+        return w.write, w.close, [(tmp / name, out)]
+    if not name.endswith(".safetensors"):
+        raise CosmosTrainError(f"{out}: unknown output type; use a .pt, .pth or .safetensors file name")
+    try:
+        shards = st.plan_shards(entries, st.parse_size(max_shard_size)) if max_shard_size else [entries]
+        names = st.shard_file_names(out, len(shards)) if len(shards) > 1 else [name]
+        writers = [st.SafetensorsWriter(tmp / n, s, metadata={"format": "pt"})
+                   for s, n in zip(shards, names, strict=True)]
+    except ValueError as e:  # a bad --max-shard-size, or a dtype safetensors cannot store
+        raise CosmosTrainError(f"{out.name}: {e}") from None
+    where = {e.key: w for s, w in zip(shards, writers, strict=True) for e in s}
+    moves = [(tmp / n, out.parent / n) for n in names]
+    if len(shards) > 1:
+        st.write_index(tmp / st.index_file_name(out), shards, names)
+        moves.append((tmp / st.index_file_name(out), out.parent / st.index_file_name(out)))
+
+    def close():
+        for w in writers:
+            w.close()
+
+    return (lambda k, t: where[k].write(k, t)), close, moves
+
+
+def byte_progress(enabled: bool, total: int, description: str):
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                 TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False)
+    task = p.add_task(description, total=total)
+    return p, task
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _verify(reader: DcpTensorReader, items: list[_Item], merge, index_or_file: Path, progress: bool) -> None:
+    """Re-read the written output and compare every tensor bitwise with one recomputed from DCP."""
+    written = open_tensor_file(index_or_file)
+    expected = [it.out.key for it in items]
+    if sorted(written.entries) != sorted(expected):
+        missing = sorted(set(expected) - set(written.entries))[:5]
+        raise CheckpointError(f"verify: {index_or_file} does not hold the expected keys (missing e.g. {missing})")
+    p, task = byte_progress(progress, sum(it.out.nbytes for it in items), "verify")
+    with p:
+        for it, t in _iter_outputs(reader, items, merge):
+            if not _bitwise_equal(written.read(it.out.key), t):
+                raise CheckpointError(f"verify: tensor {it.out.key!r} in {index_or_file} differs from the "
+                                      f"DCP source {reader.path}")
+            p.advance(task, it.out.nbytes)
+
+
+# --------------------------------------------------------------------------------------- main
+def _source_dir(src: Path, iteration: int | None) -> tuple[Path, Path]:
+    """`(iteration dir, DCP model dir)` for an iteration/checkpoints/run dir or a DCP dir itself."""
+    src = Path(src)
+    if (src / ".metadata").is_file():  # a DCP dir given directly (e.g. iter_X/model)
+        return (src.parent if src.name == "model" else src), src
+    it_dir = resolve_iteration_dir(src, iteration)
+    model = it_dir / "model"
+    if not (model / ".metadata").is_file():
+        raise CheckpointError(f"{model}: no DCP model checkpoint here (missing .metadata)")
+    return it_dir, model
+
+
+def _replace(moves: list[tuple[Path, Path]]) -> None:
+    for tmp, final in moves:
+        if final.is_dir() and not tmp.is_dir():
+            raise CosmosTrainError(f"{final}: exists and is a directory; choose another output path")
+        if final.is_dir():
+            aside = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+
+def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: int | None = None,
+                ema: bool = False, both: bool = False, dtype: str | torch.dtype | None = None,
+                prefix: str = REGULAR, merge_lora: bool = False, adapter_only: bool = False,
+                lora_rank: int | None = None, lora_alpha: int | None = None,
+                max_shard_size: int | str | None = None, verify: bool = False,
+                progress: bool = True) -> ConsolidateReport:
+    """Stream the model part of a DCP checkpoint into one consolidated file (or a PEFT adapter dir).
+
+    `src` is an iteration dir, a `checkpoints/` dir, a run dir (latest, or
+    `iteration`) or a DCP dir itself; `out` ends in `.pt`/`.pth` or
+    `.safetensors` (sharded by `max_shard_size`, e.g. "5GB", with an HF index),
+    or is a directory with `adapter_only`; None picks `default_output(...)`.
+    LoRA rank/alpha for `merge_lora`/`adapter_only` come from the run's
+    `spec.toml` (`model.lora`) unless given.
+    """
+    t0 = time.perf_counter()
+    if both and ema:
+        raise CosmosTrainError("--ema and --both are exclusive (--both already exports net_ema.*)")
+    if merge_lora and adapter_only:
+        raise CosmosTrainError("--merge-lora and --adapter-only are exclusive")
+    dt = parse_dtype(dtype)
+    it_dir, model_dir = _source_dir(Path(src), iteration)
+    if out is None:
+        out = default_output(it_dir, ema=ema, dtype=dt, merge_lora=merge_lora, adapter_only=adapter_only,
+                             suffix=".safetensors" if max_shard_size else ".pt")
+    out = Path(out)
+    reader = DcpTensorReader(model_dir)
+    mapping, dropped = _select(reader, ema=ema, both=both, prefix=prefix)
+    if dropped:
+        log.info("dropping %d _extra_state entries (as upstream loaders do)", len(dropped))
+    scale = None
+    if merge_lora or adapter_only:
+        if both:
+            raise CosmosTrainError("--both cannot be combined with --merge-lora / --adapter-only; "
+                                   "export net. and net_ema. separately (--ema)")
+        scale = lora_export.resolve_scale(find_run_dir(it_dir), reader.entries, list(mapping),
+                                          rank=lora_rank, alpha=lora_alpha, merge=merge_lora)
+    merge = scale if merge_lora else None
+    if adapter_only:
+        items = [_Item(e, (k,), reader.entries[k].nbytes)
+                 for k, e in lora_export.adapter_entries(reader.entries, mapping, dtype=dt)]
+    else:
+        items = _plan(reader, mapping, dtype=dt, merge=merge)
+    total = sum(it.out.nbytes for it in items)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if adapter_only:
+            write, close, moves = lora_export.open_adapter_writer(tmp, out, [it.out for it in items], scale)
+        else:
+            write, close, moves = _open_writers(tmp, out, [it.out for it in items], max_shard_size)
+        p, task = byte_progress(progress, total, f"consolidate {it_dir.name}")
+        with p:
+            for it, t in _iter_outputs(reader, items, merge):
+                write(it.out.key, t)
+                p.advance(task, it.out.nbytes)
+        close()
+        if verify:
+            # The index (sharded) or the single weights file is the last thing moved into place.
+            written = moves[-1][0] / lora_export.ADAPTER_WEIGHTS if adapter_only else moves[-1][0]
+            _verify(reader, items, merge, written, progress)
+        _replace(moves)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = ConsolidateReport(it_dir, [m[1] for m in moves], len(items), total, time.perf_counter() - t0,
+                               peak_rss_bytes(), verified=verify, dropped_keys=dropped)
+    log.info("consolidated %s", report.summary())
+    return report

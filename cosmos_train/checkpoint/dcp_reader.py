@@ -1,0 +1,187 @@
+"""Read tensors out of one DCP directory a few at a time, without loading the whole state.
+
+`FileSystemReader.read_metadata()` gives every key's dtype, shape and the file
+slices holding its chunks without reading data. `DcpTensorReader.load(keys)`
+then reads only those keys (all chunks, from every rank's file) into freshly
+allocated full tensors via `dcp.load` with a partial-load planner.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import io
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from cosmos_train.checkpoint.tensor_files import TensorEntry
+from cosmos_train.errors import CheckpointError
+
+T = TypeVar("T")
+
+
+class _CachedMetadataReader(FileSystemReader):
+    """A FileSystemReader that parses `.metadata` once; `dcp.load` asks for it on every call."""
+
+    def __init__(self, path: Path, metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):
+        return self._metadata
+
+
+class DcpTensorReader:
+    """Tensor entries of a DCP dir (in stored order) and bounded reads of a subset of them.
+
+    Checks up front that every file the metadata refers to exists and is long
+    enough, so a missing or truncated shard fails before any output is written,
+    with the file named.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / ".metadata"
+        if not meta_file.is_file():
+            raise CheckpointError(f"{self.path}: not a DCP checkpoint directory (no .metadata file)")
+        try:
+            self.metadata = FileSystemReader(self.path).read_metadata()
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+            raise CheckpointError(f"{meta_file}: cannot read DCP metadata ({type(e).__name__}: {e})") from e
+        self.entries: dict[str, TensorEntry] = {}
+        self.non_tensor_keys: list[str] = []
+        for key, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                self.entries[key] = TensorEntry(key, md.properties.dtype, tuple(md.size))
+            else:
+                assert isinstance(md, BytesStorageMetadata), type(md)
+                self.non_tensor_keys.append(key)
+        self._check_files()
+        self._reader = _CachedMetadataReader(self.path, self.metadata)
+        self._arena: torch.Tensor | None = None
+
+    def _check_files(self) -> None:
+        needed: dict[str, int] = {}
+        for info in (self.metadata.storage_data or {}).values():
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        for rel, end in sorted(needed.items()):
+            f = self.path / rel
+            try:
+                size = os.path.getsize(f)
+            except FileNotFoundError:
+                raise CheckpointError(f"{f}: shard file missing (listed in {self.path / '.metadata'}); "
+                                      f"the checkpoint is incomplete") from None
+            if size < end:
+                raise CheckpointError(f"{f}: shard file truncated ({size} bytes, the metadata needs {end}); "
+                                      f"the checkpoint is incomplete or was copied partially")
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read `keys` (full, unsharded tensors) in one pass over the shard files.
+
+        The tensors are views into one buffer that the next `load` reuses: use
+        (write, convert, clone) them before calling `load` again. Reusing it keeps
+        the resident size flat; fresh allocations of tens of MB per tensor leave
+        the allocator's heap fragmented and RSS creeping up over a long export.
+        """
+        _return_free_heap_to_os()
+        sd = {}
+        offsets, end = [], 0
+        for k in keys:
+            offsets.append(end)
+            end += -(-self.entries[k].nbytes // 64) * 64  # 64-byte aligned slots
+        if self._arena is None or self._arena.numel() < end:
+            self._arena = None  # free the old one before allocating the larger one
+            self._arena = torch.empty(end, dtype=torch.uint8)
+        for k, off in zip(keys, offsets, strict=True):
+            e = self.entries[k]
+            sd[k] = self._arena[off:off + e.nbytes].view(e.dtype).view(e.shape) if e.nbytes else \
+                torch.empty(e.shape, dtype=e.dtype)
+        try:
+            with warnings.catch_warnings():
+                # no_dist is the point here; DCP warns that it assumes a single process.
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(sd, storage_reader=self._reader,
+                         planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+            inner = _unwrap(e)
+            first_line = (str(inner).strip().splitlines() or [""])[0][:160]
+            bad = self._find_bad_file(set(keys))
+            raise CheckpointError(f"{bad or self.path}: failed to read {keys[0]!r}"
+                                  f"{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}: "
+                                  f"{type(inner).__name__}: {first_line} (corrupt shard file?)") from e
+        return sd
+
+
+    def _find_bad_file(self, keys: set[str]) -> Path | None:
+        """Diagnosis after a failed read: the first shard file whose chunk of `keys` does not load."""
+        for idx, info in (self.metadata.storage_data or {}).items():
+            if idx.fqn not in keys or info.transform_descriptors:
+                continue
+            f = self.path / info.relative_path
+            try:
+                with open(f, "rb") as fh:
+                    fh.seek(info.offset)
+                    torch.load(io.BytesIO(fh.read(info.length)), weights_only=True)
+            except Exception:  # noqa: BLE001 - any failure marks this file
+                return f
+        return None
+
+
+def _return_free_heap_to_os() -> None:
+    """glibc `malloc_trim(0)`; a no-op elsewhere.
+
+    DCP reads every chunk into a fresh buffer (8-32 MiB for DiT tensors) before
+    copying it into our target. glibc serves such sizes from the heap once its
+    dynamic mmap threshold has grown, and freed heap memory is not returned, so
+    without this RSS creeps up by hundreds of MB over a multi-GB export (measured:
+    0.49-0.83 GiB peak at 4 GB without, a steady 0.40 GiB with; ~0.1 s in total).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the libc this process already uses
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return None
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The reader's own exception inside DCP's per-rank CheckpointException, if there is one."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        wrapped = next(iter(failures.values()))
+        if isinstance(wrapped, tuple) and wrapped and isinstance(wrapped[0], BaseException):
+            return wrapped[0]
+    return e
+
+
+def group_by_bytes(items: list[T], budget: int, size: Callable[[T], int] = lambda e: e.nbytes) -> Iterator[list[T]]:
+    """Consecutive groups whose `size` sums to at most `budget` (a larger item forms its own group)."""
+    group: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if group and total + n > budget:
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += n
+    if group:
+        yield group

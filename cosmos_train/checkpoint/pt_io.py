@@ -1,0 +1,169 @@
+"""Stream a flat `dict[str, Tensor]` into (and out of) a `.pt` file one tensor at a time.
+
+`torch.save` needs every tensor in memory at once. The `.pt` format is a zip
+archive: `data.pkl` (the pickled dict, whose tensors point at storages by key),
+a few small records, then one record `data/<key>` per storage. The pickle only
+needs each tensor's dtype and shape, so we write it first from stubs, then hand
+torch's own zip writer (`torch._C.PyTorchFileWriter`, the one `torch.save`
+uses: 64-byte alignment for `mmap=True`, CRC32, zip64) one storage at a time.
+The result loads with `torch.load(path, weights_only=True)` and `mmap=True`,
+and its `data.pkl` is byte-identical to what `torch.save` writes for the same
+dict. `PtReader` reads such a file back one tensor at a time by byte offset.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+from cosmos_train.checkpoint.tensor_files import TensorEntry
+from cosmos_train.errors import CheckpointError
+
+# torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL).
+_PICKLE_PROTOCOL = 2
+
+
+class _StorageStub:
+    """Stands in for a tensor's storage while pickling; `persistent_id` turns it into a reference."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int, nbytes: int):
+        self.key, self.dtype, self.numel, self.nbytes = key, dtype, numel, nbytes
+
+
+class _TensorStub:
+    """Pickles exactly like a contiguous CPU tensor (see `Tensor._reduce_ex_internal`)."""
+
+    def __init__(self, storage: _StorageStub, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, proto):
+        stride = torch.empty(self.shape, device="meta").stride()
+        args = (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+        if self.storage.dtype in torch.storage._new_dtypes():
+            return torch._utils._rebuild_tensor_v3, args + (self.storage.dtype,)
+        return torch._utils._rebuild_tensor_v2, args
+
+
+class _StubPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if not isinstance(obj, _StorageStub):
+            return None
+        if obj.dtype in torch.storage._new_dtypes():
+            # Newer dtypes have no legacy TypedStorage class; torch saves an untyped (byte) storage.
+            return ("storage", torch.UntypedStorage, obj.key, "cpu", obj.nbytes)
+        storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
+        return ("storage", storage_type, obj.key, "cpu", obj.numel)
+
+
+def pickle_tensor_dict(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
+    """`data.pkl` of a `.pt` holding a dict of contiguous tensors; storage keys are "0", "1", ... in order."""
+    obj = {}
+    for i, (name, dtype, shape) in enumerate(entries):
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+        obj[name] = _TensorStub(_StorageStub(str(i), dtype, numel, numel * itemsize), tuple(shape))
+    buf = io.BytesIO()
+    _StubPickler(buf, protocol=_PICKLE_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+class PtWriter:
+    """Write a `.pt` holding a flat dict of tensors, one tensor at a time, in a fixed order.
+
+    Usage::
+
+        with PtWriter(path, [(name, dtype, shape), ...]) as w:
+            for name, ... in entries:
+                w.write(name, tensor)       # same order, same dtype and shape
+
+    Exiting the `with` block without an exception finalises the zip (central
+    directory); the caller owns temp naming and renaming.
+    """
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self._entries = [(n, d, tuple(s)) for n, d, s in entries]
+        self._next = 0
+        self._zip = torch._C.PyTorchFileWriter(
+            str(path), torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment())
+        # Same records, same order as torch.serialization._save.
+        data = pickle_tensor_dict(self._entries)
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", len("1"))
+        alignment = str(torch.serialization._get_storage_alignment())
+        self._zip.write_record(".storage_alignment", alignment, len(alignment))
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must match the next entry's name, dtype and shape."""
+        exp_name, exp_dtype, exp_shape = self._entries[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (exp_name, exp_dtype, exp_shape):
+            raise ValueError(f"PtWriter: expected {exp_name} {exp_dtype} {list(exp_shape)}, "
+                             f"got {name} {tensor.dtype} {list(tensor.shape)}")
+        t = tensor.detach().cpu().contiguous()
+        start = t.storage_offset() * t.element_size()
+        # A storage slice shares memory: a view into a larger buffer is written without a copy.
+        self._zip.write_record(f"data/{self._next}", t.untyped_storage()[start:start + t.nbytes], t.nbytes)
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the archive; every entry must have been written."""
+        if self._next != len(self._entries):
+            raise ValueError(f"PtWriter: {len(self._entries) - self._next} tensors not written")
+        self._zip.write_end_of_file()
+
+    def __enter__(self) -> PtWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            # Finalise anyway so the file handle is released; the caller deletes the partial file.
+            try:
+                self._zip.write_end_of_file()
+            except Exception:  # noqa: BLE001 - the original exception matters more
+                pass
+
+
+class PtReader:
+    """Read the tensors of a `.pt` holding a flat dict one at a time, by byte offset.
+
+    `torch.load(map_location="meta")` gives every tensor's storage offset in the
+    file without reading data; `read(key)` then reads just that storage.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.files = [self.path]
+        try:
+            meta = torch.load(self.path, map_location="meta", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - zip/pickle errors all mean an unreadable file
+            raise CheckpointError(f"{self.path}: not a readable torch .pt file ({type(e).__name__}: {e})") from e
+        if not isinstance(meta, dict) or not all(isinstance(v, torch.Tensor) for v in meta.values()):
+            raise CheckpointError(f"{self.path}: expected a flat dict of tensors (a consolidated checkpoint)")
+        self._meta: dict[str, torch.Tensor] = meta
+        self.entries = {k: TensorEntry(k, v.dtype, tuple(v.shape)) for k, v in meta.items()}
+        size = self.path.stat().st_size
+        for k, v in meta.items():
+            st = v.untyped_storage()
+            if st._checkpoint_offset + st.nbytes() > size:
+                raise CheckpointError(f"{self.path}: truncated (tensor {k!r} ends past the end of the file)")
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key`, read from disk into a new CPU tensor."""
+        m = self._meta[key]
+        st = m.untyped_storage()
+        buf = torch.empty(st.nbytes(), dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(st._checkpoint_offset)
+            if f.readinto(buf.numpy()) != st.nbytes():
+                raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+        t = torch.empty(0, dtype=m.dtype).set_(buf.untyped_storage(), m.storage_offset(), m.shape, m.stride())
+        return t if t.is_contiguous() and t.nbytes == st.nbytes() else t.contiguous().clone()

@@ -1,0 +1,193 @@
+"""Stream tensors into (and out of) `.safetensors` files, single or sharded, one tensor at a time.
+
+The format: 8-byte little-endian header length N, N bytes of JSON
+(`{"name": {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...,
+"__metadata__": {...}}`, padded with spaces to a multiple of 8), then the raw
+little-endian tensor bytes, back to back in offset order. Every dtype and shape
+is known before any data is read, so the header is written first and the bytes
+follow as tensors arrive.
+
+Sharding follows Hugging Face: `model-00001-of-00003.safetensors`, ... and
+`model.safetensors.index.json` = `{"metadata": {"total_size": N}, "weight_map":
+{name: shard file name}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from cosmos_train.checkpoint.tensor_files import TensorEntry
+from cosmos_train.errors import CheckpointError
+
+_DTYPE_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
+}
+_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB" (10^9), "500MiB" (2^20), "1000000"."""
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", size)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be > 0 (got {size!r})")
+    return n
+
+
+def _st_dtype(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_TO_ST[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no safetensors equivalent; write a .pt instead") from None
+
+
+def _header_bytes(entries: list[TensorEntry], metadata: dict[str, str] | None) -> bytes:
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for e in entries:
+        header[e.key] = {"dtype": _st_dtype(e.dtype), "shape": list(e.shape),
+                         "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class SafetensorsWriter:
+    """Write one `.safetensors` file: header first, then each tensor's bytes in `entries` order."""
+
+    def __init__(self, path: str | Path, entries: list[TensorEntry], *, metadata: dict[str, str] | None = None):
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors stores little-endian data; big-endian hosts are not supported")
+        self.path = Path(path)
+        self._entries = list(entries)
+        self._next = 0
+        self._f = open(self.path, "wb")
+        self._f.write(_header_bytes(self._entries, metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must match the next entry's name, dtype and shape."""
+        e = self._entries[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (e.key, e.dtype, e.shape):
+            raise ValueError(f"SafetensorsWriter: expected {e.key} {e.dtype} {list(e.shape)}, "
+                             f"got {name} {tensor.dtype} {list(tensor.shape)}")
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        if t.numel():
+            self._f.write(t.view(torch.uint8).numpy().data)  # zero-copy byte view
+        self._next += 1
+
+    def close(self) -> None:
+        """Flush and close; every entry must have been written."""
+        self._f.close()
+        if self._next != len(self._entries):
+            raise ValueError(f"SafetensorsWriter: {len(self._entries) - self._next} tensors not written")
+
+
+def plan_shards(entries: list[TensorEntry], max_shard_size: int) -> list[list[TensorEntry]]:
+    """Split `entries` in order into shards of at most `max_shard_size` bytes (a larger tensor alone)."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def shard_file_names(out: Path, n: int) -> list[str]:
+    """`model.safetensors` -> `model-00001-of-0000n.safetensors`, ... (Hugging Face naming)."""
+    stem = out.name[: -len(".safetensors")]
+    return [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def index_file_name(out: Path) -> str:
+    """`model.safetensors` -> `model.safetensors.index.json`."""
+    return out.name + ".index.json"
+
+
+def write_index(path: Path, shards: list[list[TensorEntry]], names: list[str]) -> None:
+    """The Hugging Face index of a sharded safetensors checkpoint."""
+    weight_map = {e.key: name for shard, name in zip(shards, names, strict=True) for e in shard}
+    total = sum(e.nbytes for shard in shards for e in shard)
+    path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """`(header dict, byte offset where data starts)` of a `.safetensors` file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            header_raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: safetensors file missing") from None
+    if len(header_raw) < n:
+        raise CheckpointError(f"{path}: truncated safetensors file (header cut short)")
+    try:
+        header = json.loads(header_raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    return header, 8 + n
+
+
+class SafetensorsReader:
+    """Read a `.safetensors` file or a sharded set (via its `.index.json`) one tensor at a time."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: not a safetensors index ({type(e).__name__}: {e})") from None
+            files = list(dict.fromkeys(path.parent / name for name in weight_map.values()))
+        else:
+            files = [path]
+        self.files = files
+        self.entries: dict[str, TensorEntry] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}
+        for f in files:
+            header, start = read_header(f)
+            size = f.stat().st_size
+            items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                           key=lambda kv: kv[1]["data_offsets"][0])
+            for k, v in items:
+                if v["dtype"] not in _ST_TO_DTYPE:
+                    raise CheckpointError(f"{f}: tensor {k!r} has unsupported dtype {v['dtype']}")
+                begin, end = v["data_offsets"]
+                if start + end > size:
+                    raise CheckpointError(f"{f}: truncated (tensor {k!r} ends past the end of the file)")
+                self.entries[k] = TensorEntry(k, _ST_TO_DTYPE[v["dtype"]], tuple(v["shape"]))
+                self._where[k] = (f, start + begin, end - begin)
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key`, read from disk into a new CPU tensor."""
+        f, offset, nbytes = self._where[key]
+        e = self.entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf.numpy()) != nbytes:
+                raise CheckpointError(f"{f}: truncated while reading {key!r}")
+        return buf.view(e.dtype).reshape(e.shape) if nbytes else torch.empty(e.shape, dtype=e.dtype)
