@@ -18,17 +18,16 @@ Legend: B batch, S_l local sequence (S/cp), S full sequence, H heads, H_l heads 
 
 from __future__ import annotations
 
-import logging
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cosmos_train.errors import CosmosTrainError
+from cosmos_train.runtime.distributed import log
 from cosmos_train.runtime.attention import SDPAAttention
 from cosmos_train.runtime.ring_attention import RingAttention
 
-logger = logging.getLogger(__name__)
 
 CP_MODES = ("ring", "a2a", "hybrid")
 
@@ -206,6 +205,5 @@ def apply_context_parallel(model: nn.Module, cp_group, *, mode: str = "ring", ke
     for i, block in enumerate(blocks):
         block.self_attn.attn_op = probe if i == 0 else build_cp_attention(
             group, mode=mode, kernel=kernel, hybrid_groups=hybrid_groups)
-    logger.info("applied %s context parallelism to %d blocks, cp=%d", mode, len(blocks),
-                dist.get_world_size(group))
+    log(f"applied {mode} context parallelism to {len(blocks)} blocks, cp={dist.get_world_size(group)}")
     return model

@@ -296,7 +296,7 @@ def _dit_body(rank, world, reference):
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
-    log = logging.getLogger("cosmos_train.runtime.context_parallel")
+    log = logging.getLogger("cosmos_train")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     res = {}
@@ -319,11 +319,12 @@ def test_dit_shaped_stack_cp2_equals_cp1():
     torch.manual_seed(0)
     ref_model = _StandInDiT().double()
     reference = _loss_and_grads(ref_model, torch.float64)
-    for res, records in run_ranks(_dit_body, 2, reference, timeout=60):
+    for rank, (res, records) in enumerate(run_ranks(_dit_body, 2, reference, timeout=60)):
         for mode, (out_err, grad_err) in res.items():
             assert out_err <= 1e-10 and grad_err <= 1e-10, (mode, out_err, grad_err)
-        assert records == ["applied ring context parallelism to 2 blocks, cp=2",
-                           "applied a2a context parallelism to 2 blocks, cp=2"]
+        # one log line per job (rank 0), not one per rank
+        assert records == (["applied ring context parallelism to 2 blocks, cp=2",
+                            "applied a2a context parallelism to 2 blocks, cp=2"] if rank == 0 else [])
 
 
 # ------------------------------------------------------------------------------- the real DiT
