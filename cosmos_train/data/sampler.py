@@ -19,6 +19,7 @@ Each position also carries a window seed (from seed, epoch, position), handed to
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -60,8 +61,9 @@ class _StreamSampler(Sampler[SampleRef]):
         """Samples of the stream consumed by one step of all dp ranks."""
         return self.dp_size * self.batch_size
 
+    @abstractmethod
     def _indices(self, epoch: int, positions: Sequence[int]) -> list[int]:
-        raise NotImplementedError
+        """Dataset indices at these positions of the epoch's stream."""
 
     def steps_left(self) -> int:
         """Steps until the end of the current epoch."""

@@ -16,6 +16,7 @@ attention backend.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -59,17 +60,19 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
 # ------------------------------------------------------------------------------------------- kernels
 
 
-class BlockKernel:
+class BlockKernel(ABC):
     """A block attention kernel: `forward -> (out, lse)` and the block backward given the *merged*
     out and lse (which makes each block's dq/dk/dv its exact share of the full gradient)."""
 
     name = "base"
 
+    @abstractmethod
     def forward(self, q, k, v, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(out, lse) of attention of q over this block's k, v."""
 
+    @abstractmethod
     def backward(self, dout, q, k, v, out, lse, *, scale: float) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """(dq, dk, dv) of this block given the merged out and lse."""
 
 
 def math_attention_block(q, k, v, *, scale: float, key_mask: torch.Tensor | None = None):
