@@ -190,7 +190,8 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
         loss_sum = torch.zeros((), device=device)
         for micro in range(tr.grad_accum_iter):
             latent, emb = next(batches)
-            set_gradient_sync(model, micro == tr.grad_accum_iter - 1)
+            if tr.grad_accum_iter > 1:  # reduce only on the last micro-step
+                set_gradient_sync(model, micro == tr.grad_accum_iter - 1)
             # Upstream feeds the zero-padded T5 embedding without a key mask; released weights expect it.
             loss, _ = training_loss(model, latent, emb, None, generator=generator,
                                     num_condition_frames=NUM_CONDITION_FRAMES, text_dropout=spec.data.text_dropout,

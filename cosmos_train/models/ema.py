@@ -59,14 +59,18 @@ class PowerEMA:
             name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         if not self.shadow:
             raise ValueError("PowerEMA: the model has no trainable parameters")
+        self._pairs: tuple | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module, iteration: int) -> float:
         """ema <- beta * ema + (1 - beta) * param for every trainable parameter; returns beta."""
         beta = ema_beta(iteration, self.gamma)
-        params = dict(model.named_parameters())
-        names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach() for n in names], 1.0 - beta)
+        if self._pairs is None or self._pairs[0] is not model:  # (model, shadows, params) built once
+            params = dict(model.named_parameters())
+            names = list(self.shadow)
+            self._pairs = (model, [self.shadow[n] for n in names], [params[n] for n in names])
+        _, shadows, params = self._pairs
+        torch._foreach_lerp_(shadows, [p.detach() for p in params], 1.0 - beta)
         return beta
 
     def state_dict(self) -> dict[str, torch.Tensor]:
