@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
@@ -28,11 +29,11 @@ from cosmos_train.models.sampler import sample
 from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.run_dir import SPEC_FILE
 from cosmos_train.runtime.attention import build_attention
-from cosmos_train.runtime.distributed import log
-from cosmos_train.spec import ExperimentSpec, load_spec
+from cosmos_train.runtime.context_parallel import apply_context_parallel
+from cosmos_train.runtime.distributed import distributed, log
+from cosmos_train.spec import ExperimentSpec, LoraSpec, ParallelSpec, load_spec
 
 MAX_TEXT_TOKENS = 512
-NUM_CONDITION_FRAMES = 1
 
 
 @dataclass
@@ -52,18 +53,30 @@ class InferenceRequest:
     ema: bool = False
     num_frames: int | None = None
     fps: int = 16
+    lossless: bool = False  # exact RGB H.264 (for comparisons); the default plays everywhere
     device: str = "auto"
 
 
 # --------------------------------------------------------------------- inputs
-def load_embedding(ref: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A text embedding, padded to 512 tokens: `.npy` [n, 1024] or `STORE.zarr:KEY` -> (emb, mask)."""
+def load_embedding(ref: str, *, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text embedding, padded to 512 tokens: `.npy` [n, 1024] or `STORE.zarr:KEY` -> (emb, mask).
+
+    `width` (the model's context_dim) is checked when given.
+    """
     if ".zarr:" in ref:
         store, key = ref.rsplit(":", 1)
         if not Path(store).exists():
             raise CosmosTrainError(f"{store}: embedding store not found")
-        return EmbeddingStore(store).get(key)
-    path = Path(ref)
+        emb, mask = EmbeddingStore(store).get(key)
+    else:
+        emb, mask = _load_npy_embedding(Path(ref))
+    if width is not None and emb.shape[-1] != width:
+        raise CosmosTrainError(f"{ref}: embedding width {emb.shape[-1]} does not match the model's "
+                               f"context_dim {width} (T5-XXL embeddings are 1024 wide)")
+    return emb, mask
+
+
+def _load_npy_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.exists():
         raise CosmosTrainError(f"{path}: embedding file not found (expected .npy [n_tokens, 1024] or STORE.zarr:KEY)")
     array = np.load(path, allow_pickle=False)
@@ -76,21 +89,26 @@ def load_embedding(ref: str) -> tuple[torch.Tensor, torch.Tensor]:
     return emb, mask
 
 
-def read_condition_frame(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """The conditioning frame as uint8 (3, H, W): an image, or the last frame of a clip."""
+def read_condition_frames(path: Path, size: tuple[int, int], count: int) -> torch.Tensor:
+    """The last `count` frames of a clip (or an image, repeated) as uint8 (3, count, H, W)."""
     if not path.exists():
         raise CosmosTrainError(f"{path}: input frame/clip not found")
-    last = None
+    frames: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
-                last = frame.to_ndarray(format="rgb24")
+                frames = (frames + [frame.to_ndarray(format="rgb24")])[-count:]
     except av.FFmpegError as e:
         raise CosmosTrainError(f"{path}: cannot decode ({e})") from None
-    if last is None:
+    if not frames:
         raise CosmosTrainError(f"{path}: no video frame in it")
-    frame = torch.from_numpy(last).permute(2, 0, 1)[:, None]  # (3, 1, H, W)
-    return resize_video(frame, size)[:, 0]
+    if len(frames) == 1:
+        frames = frames * count  # a still image conditions every condition frame
+    elif len(frames) < count:
+        raise CosmosTrainError(f"{path}: has {len(frames)} frames; {count} are needed to condition "
+                               f"on the spec's model.num_condition_frames")
+    video = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)  # (3, count, H, W)
+    return resize_video(video, size)
 
 
 # ---------------------------------------------------------------------- model
@@ -144,9 +162,9 @@ def build_inference_model(req: InferenceRequest, device: torch.device) -> tuple[
     source = resolve_load_path(req.checkpoint)
     spec = resolve_spec(req, source)
     if source.kind != "dcp" and spec.model.train_architecture == "lora" and not _file_has_lora(source):
-        spec = spec.model_copy(deep=True)
-        spec.model.train_architecture = "full"  # a merged export: plain DiT weights
-        spec.model.lora = type(spec.model.lora)()
+        data = spec.model_dump()  # a merged export holds plain DiT weights: build the DiT without adapters
+        data["model"].update(train_architecture="full", lora=LoraSpec().model_dump())
+        spec = ExperimentSpec.model_validate(data)
     model = DiT(spec.model.dit_config(), attention=lambda: build_attention(spec.parallel.attention,
                                                                             device_type=device.type))
     if spec.model.train_architecture == "lora":
@@ -162,35 +180,61 @@ def build_inference_model(req: InferenceRequest, device: torch.device) -> tuple[
 
 
 # ----------------------------------------------------------------------- main
+def _device(name: str, info) -> torch.device:
+    if name == "auto":
+        return info.device
+    return torch.device(name)
+
+
 def infer(req: InferenceRequest) -> Path:
-    """Sample one clip conditioned on `req.input` and write it to `req.output` (mp4)."""
-    device = torch.device("cuda" if req.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if req.device == "auto" else req.device))
+    """Sample one clip conditioned on `req.input` and write it to `req.output` (mp4).
+
+    Under torchrun the processes form one context-parallel group over the latent frames
+    (every rank computes the same sample; rank 0 writes the file).
+    """
+    with distributed(ParallelSpec(), device=req.device) as info:
+        return _infer(req, info)
+
+
+def _infer(req: InferenceRequest, info) -> Path:
+    device = _device(req.device, info)
     model, spec = build_inference_model(req, device)
     tokenizer = build_tokenizer(spec.model.tokenizer)
     H, W = spec.data.video_size
     T = req.num_frames or spec.data.num_frames
     C, Tl, Hl, Wl = tokenizer.latent_shape(T, H, W)
+    k = spec.model.num_condition_frames
+    if k >= Tl:
+        raise CosmosTrainError(f"--num-frames {T} gives {Tl} latent frames; more than the "
+                               f"{k} condition frame(s) are needed")
+    if info.world_size > 1:
+        if Tl % info.world_size:
+            raise CosmosTrainError(f"{info.world_size} processes must divide the {Tl} latent frames "
+                                   f"(context parallelism); change --num-frames or --nproc_per_node")
+        apply_context_parallel(model, dist.group.WORLD, mode=spec.parallel.cp_mode)
 
+    cond_pixels = tokenizer.video_frames(k)
     video = torch.zeros(1, 3, T, H, W, dtype=torch.uint8)
-    video[0, :, 0] = read_condition_frame(Path(req.input), (H, W))
+    video[0, :, :cond_pixels] = read_condition_frames(Path(req.input), (H, W), cond_pixels)
     condition_latent = tokenizer.encode(video.to(device))
-    emb, mask = load_embedding(req.prompt_embedding)
-    if req.negative_embedding is not None:
-        neg, neg_mask = load_embedding(req.negative_embedding)
-    else:  # the empty prompt: what text dropout trains for
-        neg, neg_mask = torch.zeros_like(emb), torch.zeros_like(mask)
+    context_dim = spec.model.dit_config().context_dim
+    emb, _ = load_embedding(req.prompt_embedding, width=context_dim)
+    # the empty prompt by default: what text dropout trains for
+    neg = load_embedding(req.negative_embedding, width=context_dim)[0] if req.negative_embedding else torch.zeros_like(emb)
     guided = req.guidance != 1.0
-    latent = sample(model, condition_latent=condition_latent, num_condition_frames=NUM_CONDITION_FRAMES,
+    # Upstream conditions on the zero-padded embedding without a key mask; released weights expect it.
+    latent = sample(model, condition_latent=condition_latent, num_condition_frames=k,
                     shape=(1, C, Tl, Hl, Wl), text_emb=emb[None].to(device), text_mask=None,
                     neg_emb=neg[None].to(device) if guided else None, neg_mask=None,
                     steps=req.steps, guidance=req.guidance, seed=req.seed)
-    del mask, neg_mask  # upstream conditions on the zero-padded embedding without a key mask
-    frames = tokenizer.decode(latent)[0].permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
     out = Path(req.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.mp4")
-    write_mp4(tmp, frames, fps=req.fps, lossless=False)
-    tmp.replace(out)
-    log(f"wrote {out}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}")
+    if info.rank == 0:
+        frames = tokenizer.decode(latent)[0].permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.mp4")
+        write_mp4(tmp, frames, fps=req.fps, lossless=req.lossless)
+        tmp.replace(out)
+        log(f"wrote {out}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}")
+    if info.world_size > 1:
+        dist.barrier()
     return out

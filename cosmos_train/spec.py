@@ -104,9 +104,8 @@ class ModelSpec(_Section):
     train_architecture: Literal["full", "lora"] = Field("full", description="Train all weights or LoRA adapters.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (train_architecture = 'lora').")
     ema: EmaSpec = Field(default_factory=EmaSpec, description="EMA settings.")
-    keys_to_ignore: list[str] = Field(
-        default_factory=list,
-        description="Key prefixes allowed to be missing/unexpected when loading weights.")
+    num_condition_frames: int = Field(
+        1, ge=1, description="Clean latent frames that condition Video2World (upstream: 1 or 2); no loss on them.")
 
     def dit_config(self) -> DiTConfig:
         """The preset with the architecture overrides applied."""
@@ -254,7 +253,8 @@ class CheckpointSpec(_Section):
         None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir or hf://org/repo/file.")
     load_training_state: bool = Field(False, description="Also load optimizer/scheduler/trainer from load_path.")
     strict_resume: bool = Field(True, description="Missing or unexpected keys are an error.")
-    keys_not_to_resume: list[str] = Field(default_factory=list, description="Key prefixes skipped when loading.")
+    keys_not_to_resume: list[str] = Field(
+        default_factory=list, description="Key prefixes skipped (and allowed to be missing) when loading weights.")
     async_mode: Literal["off", "async", "async_pinned"] = Field(
         "off", description="off: dcp.save; async: background write; async_pinned: pinned staging.")
     keep_last: int | None = Field(None, gt=0, description="Keep only the newest N committed checkpoints.")
@@ -284,6 +284,9 @@ class ExperimentSpec(_Section):
         if latent_t % cp:
             raise ValueError(f"parallel.cp: must divide the latent frame count {latent_t} "
                              f"(data.num_frames {self.data.num_frames} -> {latent_t} latent frames) (got {cp})")
+        if self.model.num_condition_frames >= latent_t:
+            raise ValueError(f"model.num_condition_frames: must be below the latent frame count {latent_t} "
+                             f"(data.num_frames {self.data.num_frames}) (got {self.model.num_condition_frames})")
         heads = self.model.dit_config().num_heads
         if self.parallel.cp_mode == "a2a" and heads % cp:
             raise ValueError(f"parallel.cp: cp_mode 'a2a' needs num_heads ({heads}) divisible by cp (got {cp})")

@@ -38,8 +38,6 @@ from cosmos_train.runtime.parallelize import build_dit, parallelize
 from cosmos_train.spec import ExperimentSpec
 from cosmos_train.train_log import TrainLog
 
-NUM_CONDITION_FRAMES = 1  # Video2World: the first latent frame is the clean condition
-
 
 @dataclass
 class TrainResult:
@@ -65,7 +63,7 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def _sync_generator(generator: torch.Generator, dims: ParallelDims) -> None:
@@ -107,7 +105,7 @@ def _validation_loss(model, val_loader, tokenizer, spec: ExperimentSpec, device,
             emb = batch["t5_text_embeddings"].to(device)
             for sigma in spec.trainer.validation_sigmas:
                 loss, _ = training_loss(model, latent, emb, None, generator=generator,
-                                        num_condition_frames=NUM_CONDITION_FRAMES, text_dropout=0.0,
+                                        num_condition_frames=spec.model.num_condition_frames, text_dropout=0.0,
                                         loss_scale=spec.trainer.loss_scale, sigma_override=sigma)
                 total += loss.double().cpu()
                 count += 1
@@ -185,6 +183,7 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
     samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
     window_loss, window_start, window_steps, window_saves = 0.0, time.perf_counter(), 0, len(ckpt.stats)
     for step in range(result.start_step, tr.max_iter):
+        ckpt.check()  # a failed background save raises here, at the next step
         step_start = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -194,7 +193,7 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
                 set_gradient_sync(model, micro == tr.grad_accum_iter - 1)
             # Upstream feeds the zero-padded T5 embedding without a key mask; released weights expect it.
             loss, _ = training_loss(model, latent, emb, None, generator=generator,
-                                    num_condition_frames=NUM_CONDITION_FRAMES, text_dropout=spec.data.text_dropout,
+                                    num_condition_frames=spec.model.num_condition_frames, text_dropout=spec.data.text_dropout,
                                     loss_scale=tr.loss_scale)
             (loss * (dims.cp / tr.grad_accum_iter)).backward()
             loss_sum += loss.detach()

@@ -65,7 +65,7 @@ class TrainLog:
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         line = f"[{kind}] step {step}/{self.max_iter} {text}"
         if self._progress is not None:
-            self._progress.console.print(line, highlight=False)
+            self._progress.console.print(line, highlight=False, markup=False)
         else:
             log(line)
 

@@ -66,6 +66,7 @@ def test_toml_syntax_error_names_the_line(tmp_path):
     ("[model]\ntrain_architecture = 'lora'\n[model.lora]\ntarget_modules = ''\n", "needs at least one module name"),
     ("[data]\nkind = 'video_folder'\n", "needs data.dataset_dir"),
     ("[parallel]\ndp_shard = 0\n", "parallel.dp_shard"),
+    ("[model]\nnum_condition_frames = 24\n", "model.num_condition_frames: must be below the latent frame count 24"),
 ])
 def test_cross_field_checks(tmp_path, text, fragment):
     with pytest.raises(SpecError, match=None) as e:

@@ -90,7 +90,7 @@ def test_context_parallel_run_matches_single_process(tmp_path):
 
 
 def test_lora_run_trains_only_adapters(tmp_path):
-    spec = small_spec(tmp_path, name="lora", model={"train_architecture": "lora",
+    spec = small_spec(tmp_path, name="lora", model={"train_architecture": "lora", "num_condition_frames": 2,
                                                     "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "mlp.layer1"],
                                                              "init_lora_weights": True}},
                       trainer={"max_iter": 3})

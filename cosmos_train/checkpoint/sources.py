@@ -89,7 +89,7 @@ def resolve_load_path(load_path: str | Path, *, cache_dir: str | Path | None = N
     else:
         path = Path(load_path).expanduser()
     if path.is_file():
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json"):
             return Source("safetensors", path, origin)
         if path.suffix in (".pt", ".pth"):
             return Source("pt", path, origin)
@@ -130,11 +130,11 @@ class _FileReader:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        if source.kind == "safetensors":
-            from safetensors import safe_open
+        if source.kind == "safetensors":  # one file, or a sharded set through its index
+            from cosmos_train.checkpoint.safetensors_io import SafetensorsReader
 
-            self._st = safe_open(str(source.path), framework="pt", device="cpu")
-            self.keys = list(self._st.keys())
+            self._st = SafetensorsReader(source.path)
+            self.keys = list(self._st.entries)
         else:
             try:
                 self._sd = torch.load(source.path, map_location="cpu", mmap=True, weights_only=True)
@@ -147,7 +147,7 @@ class _FileReader:
         self.keys = [k for k in self.keys if not k.endswith("_extra_state")]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._st.get_tensor(key) if self.source.kind == "safetensors" else self._sd[key]
+        return self._st.read(key) if self.source.kind == "safetensors" else self._sd[key]
 
 
 def map_keys(model_keys, available: set[str], prefix: str, *, skip=(), optional=lambda k: False

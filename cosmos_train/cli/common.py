@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cosmos_train.errors import CosmosTrainError
 
@@ -36,7 +37,7 @@ def handle_errors(fn):
             if os.environ.get(DEBUG_ENV):
                 raise
             for line in str(e).splitlines():
-                err_console.print(f"[red]error:[/red] {line}", highlight=False, markup=True, soft_wrap=True)
+                err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
             err_console.print(f"[dim](set {DEBUG_ENV}=1 for a traceback)[/dim]")
             raise typer.Exit(e.exit_code) from None
 

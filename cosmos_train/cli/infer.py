@@ -25,6 +25,7 @@ def infer(
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = False,
     num_frames: Annotated[int | None, typer.Option(help="Frames to generate (4k+1; default: the spec's data.num_frames).")] = None,
     fps: Annotated[int, typer.Option(help="Frame rate of the mp4.")] = 16,
+    lossless: Annotated[bool, typer.Option("--lossless", help="Exact RGB H.264 (qp 0) instead of the widely playable yuv420p.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Video2World: condition on a frame, sample a clip, write an mp4.
@@ -39,5 +40,5 @@ def infer(
     out = run_inference(InferenceRequest(
         checkpoint=checkpoint, input=input, prompt_embedding=prompt_embedding, output=output, spec=spec,
         negative_embedding=negative_embedding, lora=lora, guidance=guidance, steps=steps, seed=seed, ema=ema,
-        num_frames=num_frames, fps=fps, device=device))
+        num_frames=num_frames, fps=fps, lossless=lossless, device=device))
     console.print(f"[green]wrote[/green] {out}")

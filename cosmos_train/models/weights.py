@@ -131,7 +131,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, pr
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys:\n{group_keys(unexpected)}")
         parts.append("fix the checkpoint or the model preset/architecture, or list key prefixes in "
-                     "model.keys_to_ignore")
+                     "checkpoint.keys_not_to_resume")
         raise CosmosTrainError("\n".join(parts))
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
            for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]

@@ -159,7 +159,8 @@ def distributed(parallel: ParallelSpec, *, device: str = "auto",
     try:
         yield info
     except BaseException as e:
-        logger.error("rank %d failed: %s: %s", info.rank, type(e).__name__, e)
+        if info.world_size > 1:  # one process: the caller reports the error itself
+            logger.error("rank %d failed: %s: %s", info.rank, type(e).__name__, e)
         abort()
         raise
     teardown(info)
