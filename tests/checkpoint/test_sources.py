@@ -45,6 +45,23 @@ def test_full_file_loads_regular_and_ema(tmp_path, fmt):
     assert torch.equal(reg[0].state_dict()["head.weight"], sd["net_ema.head.weight"])
 
 
+def test_sharded_safetensors_index_is_a_source(tmp_path):
+    import json
+
+    src = build(0)
+    sd = {k: v.contiguous() for k, v in _flat(src).items()}
+    keys = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        save_file({k: sd[k] for k in part}, tmp_path / name)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {k: n for n, ks in halves.items() for k in ks}}))
+    assert resolve_load_path(index).kind == "safetensors"
+    parts = _init(index)
+    for k, v in src[0].state_dict().items():
+        assert torch.equal(parts[0].state_dict()[k], v), k
+
+
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
     sd = _flat(build(0))
     del sd["net.blocks.1.fc1.weight"]

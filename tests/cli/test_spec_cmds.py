@@ -25,6 +25,9 @@ def test_validate_good_and_bad_specs(tmp_path):
     assert r.exit_code == 2
     assert "optimizer.lr: Input should be greater than 0 (got -1)" in r.output
     assert "jobb: unknown key; did you mean 'job'?" in r.output
+    # square brackets in messages are text, not console markup
+    r = runner.invoke(app, ["validate", str(ROOT / "examples/tiny.toml"), "model.lora.rank=8"])
+    assert r.exit_code == 2 and "[lora] settings given" in r.output and "remove [model.lora]" in r.output
 
 
 def test_show_applies_overrides():
