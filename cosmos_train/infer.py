@@ -63,6 +63,8 @@ def load_embedding(ref: str, *, width: int | None = None) -> tuple[torch.Tensor,
 
     `width` (the model's context_dim) is checked when given.
     """
+    if ref.rstrip("/").endswith(".zarr"):
+        raise CosmosTrainError(f"{ref}: name the clip in the store as STORE.zarr:KEY")
     if ".zarr:" in ref:
         store, key = ref.rsplit(":", 1)
         if not Path(store).exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,6 @@ from cosmos_train.errors import SpecError
 from cosmos_train.spec import ExperimentSpec, load_spec
 
 SPEC_FILE = "spec.toml"
-# Changing any of these between a checkpoint and its resume would load weights into another network.
-ARCHITECTURE_SECTIONS = ("model.preset", "model.architecture", "model.tokenizer", "model.train_architecture",
-                         "model.lora")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -24,14 +22,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _architecture(spec: ExperimentSpec) -> dict[str, Any]:
+    """The fields that fix the weights' shapes and names, with preset values resolved."""
+    arch = {f"model.architecture.{k}": v for k, v in asdict(spec.model.dit_config()).items()}
+    arch["model.preset"] = spec.model.preset
+    arch["model.train_architecture"] = spec.model.train_architecture
+    arch.update(_flatten(spec.model.tokenizer.model_dump(mode="json"), "model.tokenizer."))
+    if spec.model.train_architecture == "lora":
+        arch.update(_flatten(spec.model.lora.model_dump(mode="json"), "model.lora."))
+    return arch
+
+
 def architecture_changes(old: ExperimentSpec, new: ExperimentSpec) -> list[str]:
     """Dotted fields whose change would make the saved weights not fit: `field: old -> new`."""
-    a = _flatten(old.model_dump(mode="json"))
-    b = _flatten(new.model_dump(mode="json"))
-    fields = sorted(k for k in a.keys() | b.keys() if k.startswith(ARCHITECTURE_SECTIONS))
-    if old.model.train_architecture == new.model.train_architecture == "full":
-        fields = [f for f in fields if not f.startswith("model.lora")]
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in fields if a.get(k) != b.get(k)]
+    a, b = _architecture(old), _architecture(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cosmos_train.errors import CosmosTrainError
@@ -42,7 +43,7 @@ class TrainLog:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / "logs" / METRICS_FILE, "a")
         self._wandb = _start_wandb(spec, run_dir, resume_step=start_step)
-        if show_progress:
+        if show_progress and Console().is_terminal:  # piped output gets plain log lines instead
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                                       TimeRemainingColumn(), transient=False)

@@ -29,6 +29,9 @@ def test_load_embedding_pads_to_512_and_reports_bad_files(tmp_path):
         load_embedding(str(tmp_path / "bad.npy"))
     with pytest.raises(CosmosTrainError, match="not found"):
         load_embedding(str(tmp_path / "missing.npy"))
+    (tmp_path / "s.zarr").mkdir()
+    with pytest.raises(CosmosTrainError, match="STORE.zarr:KEY"):
+        load_embedding(str(tmp_path / "s.zarr"))
 
 
 def test_condition_frame_is_the_last_frame_of_a_clip_resized(tmp_path):

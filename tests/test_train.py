@@ -111,7 +111,7 @@ def test_resume_requires_a_checkpoint_and_an_unchanged_architecture(tmp_path):
     with pytest.raises(CosmosTrainError, match="no committed checkpoint"):
         train(spec, require_checkpoint=True, show_progress=False)
     train(spec, show_progress=False)
-    with pytest.raises(CosmosTrainError, match=r"model.architecture.num_blocks: None -> 3"):
+    with pytest.raises(CosmosTrainError, match=r"model.architecture.num_blocks: 2 -> 3"):
         changed = small_spec(tmp_path, name="r", model={"architecture": {"model_channels": 32, "num_heads": 2,
                                                                           "adaln_lora_dim": 16, "num_blocks": 3}})
         train(changed, show_progress=False)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cosmos_train.cli.common import console, handle_errors
+from cosmos_train.cli.common import handle_errors
 
 
 @handle_errors
@@ -37,8 +37,7 @@ def infer(
     from cosmos_train.runtime.distributed import configure_logging
 
     configure_logging()
-    out = run_inference(InferenceRequest(
+    run_inference(InferenceRequest(
         checkpoint=checkpoint, input=input, prompt_embedding=prompt_embedding, output=output, spec=spec,
         negative_embedding=negative_embedding, lora=lora, guidance=guidance, steps=steps, seed=seed, ema=ema,
         num_frames=num_frames, fps=fps, lossless=lossless, device=device))
-    console.print(f"[green]wrote[/green] {out}")

@@ -23,7 +23,7 @@ def run(
     """Start a run (or continue it, if its run directory already has checkpoints).
 
     Example: cosmos-train run examples/tiny.toml trainer.max_iter=100
-    Multi-process: torchrun --nproc_per_node=2 -m cosmos_train run examples/tiny.toml parallel.cp=2
+    Multi-process: torchrun --nproc_per_node=2 -m cosmos_train run examples/tiny.toml parallel.cp=2 job.name=cp2
     """
     resolved = load_spec(spec, overrides or [])
     if dry_run:

@@ -53,7 +53,7 @@ def test_run_dry_run_writes_spec_and_starts_nothing(tmp_path):
     r = runner.invoke(app, ["run", str(ROOT / "examples/tiny.toml"), f"job.output_root={json.dumps(str(tmp_path))}",
                             "model.architecture.num_blocks=3", "--dry-run"])
     assert r.exit_code == 2
-    assert "model.architecture.num_blocks: None -> 3" in r.output
+    assert "model.architecture.num_blocks: 2 -> 3" in r.output
 
 
 def test_resume_without_a_run_dir_is_a_clear_error(tmp_path):
