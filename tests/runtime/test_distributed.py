@@ -33,7 +33,8 @@ def test_exception_is_reported_and_group_destroyed(caplog):
             with distributed(ParallelSpec(), device="cpu", env={}):
                 raise ValueError("boom")
     assert not dist.is_initialized()
-    assert "rank 0 failed: ValueError: boom" in caplog.text
+    # one process: the caller (the CLI) reports the error once; "rank R failed" is for multi-rank jobs
+    assert "failed" not in caplog.text
 
 
 @pytest.mark.parametrize("env, match", [
