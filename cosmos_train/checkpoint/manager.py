@@ -327,7 +327,8 @@ class Checkpointer:
         self._load_iteration(it_dir, parts, strict=self.ckpt.strict_resume, skip=(), ema_to_reg=False,
                              ema_required=True)
         self._last_saved = layout.parse_iteration(it_dir.name)
-        log.info("resumed from %s", it_dir)
+        if rank() == 0:
+            log.info("resumed from %s", it_dir)
         return self.trainer_state.step if self.trainer_state is not None else self._last_saved
 
     @staticmethod
@@ -365,7 +366,8 @@ class Checkpointer:
                 log.warning("checkpoint.load_training_state has no effect for %s (a weights-only file)", source)
             load_full_weights(source, self.model, self.ema, strict=self.ckpt.strict_resume, skip=skip,
                               ema_to_reg=self.ckpt.load_ema_to_reg)
-        log.info("initialised %s from %s", "model" + (" and EMA" if self.ema is not None else ""), source)
+        if rank() == 0:
+            log.info("initialised %s from %s", "model" + (" and EMA" if self.ema is not None else ""), source)
         return True
 
     def resume_or_initialize(self) -> int:
