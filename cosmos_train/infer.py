@@ -213,7 +213,9 @@ def _infer(req: InferenceRequest, info) -> Path:
         if Tl % info.world_size:
             raise CosmosTrainError(f"{info.world_size} processes must divide the {Tl} latent frames "
                                    f"(context parallelism); change --num-frames or --nproc_per_node")
-        apply_context_parallel(model, dist.group.WORLD, mode=spec.parallel.cp_mode)
+        # hybrid needs node-local sub-groups; sampling over one group uses the ring (same result)
+        mode = "ring" if spec.parallel.cp_mode == "hybrid" else spec.parallel.cp_mode
+        apply_context_parallel(model, dist.group.WORLD, mode=mode)
 
     cond_pixels = tokenizer.video_frames(k)
     video = torch.zeros(1, 3, T, H, W, dtype=torch.uint8)

@@ -231,7 +231,10 @@ class ParallelSpec(_Section):
     dp_replicate: int = Field(1, gt=0, description="Replicated data-parallel degree (HSDP when > 1).")
     dp_shard: int = Field(-1, description="Sharded data-parallel degree; -1 takes the rest of the world.")
     cp: int = Field(1, gt=0, description="Context-parallel degree; divides the latent frame count.")
-    cp_mode: Literal["ring", "a2a"] = Field("ring", description="ring (P2P K/V ring) or a2a (Ulysses).")
+    cp_mode: Literal["ring", "a2a", "hybrid"] = Field(
+        "ring", description="ring (P2P K/V ring), a2a (Ulysses), or hybrid (a2a inside a node, ring across).")
+    cp_a2a_degree: int = Field(
+        1, gt=0, description="hybrid: all-to-all degree inside each node; cp = cp_a2a_degree x ring degree.")
     attention: Literal["auto", "sdpa", "te"] = Field(
         "auto", description="Attention kernel: te (Transformer Engine), sdpa, or auto.")
     activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
@@ -290,6 +293,13 @@ class ExperimentSpec(_Section):
         heads = self.model.dit_config().num_heads
         if self.parallel.cp_mode == "a2a" and heads % cp:
             raise ValueError(f"parallel.cp: cp_mode 'a2a' needs num_heads ({heads}) divisible by cp (got {cp})")
+        a2a = self.parallel.cp_a2a_degree
+        if self.parallel.cp_mode == "hybrid":
+            if cp % a2a:
+                raise ValueError(f"parallel.cp_a2a_degree: must divide parallel.cp ({cp}) (got {a2a})")
+            if heads % a2a:
+                raise ValueError(f"parallel.cp_a2a_degree: cp_mode 'hybrid' needs num_heads ({heads}) "
+                                 f"divisible by cp_a2a_degree (got {a2a})")
         h, w = self.data.video_size
         if self.model.tokenizer.kind == "space_to_depth":
             s2d_channels = 3 * 4 * self.model.tokenizer.spatial_factor ** 2

@@ -67,6 +67,11 @@ def test_toml_syntax_error_names_the_line(tmp_path):
     ("[data]\nkind = 'video_folder'\n", "needs data.dataset_dir"),
     ("[parallel]\ndp_shard = 0\n", "parallel.dp_shard"),
     ("[model]\nnum_condition_frames = 24\n", "model.num_condition_frames: must be below the latent frame count 24"),
+    ("[parallel]\ncp = 4\ncp_mode = 'hybrid'\ncp_a2a_degree = 3\n", "parallel.cp_a2a_degree: must divide parallel.cp (4) (got 3)"),
+    ("[parallel]\ncp = 8\ncp_mode = 'hybrid'\ncp_a2a_degree = 8\n",
+     "parallel.cp_a2a_degree: cp_mode 'hybrid' needs num_heads (4) divisible by cp_a2a_degree (got 8)"),
+    ("[parallel]\ncp_a2a_degree = 0\n", "parallel.cp_a2a_degree"),
+    ("[parallel]\ncp_mode = 'zigzag'\n", "'ring', 'a2a' or 'hybrid'"),
 ])
 def test_cross_field_checks(tmp_path, text, fragment):
     with pytest.raises(SpecError, match=None) as e:

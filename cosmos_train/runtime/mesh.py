@@ -9,6 +9,9 @@ Sub-meshes (the names other parts use):
                   can share (shard) the parameters and their gradients are summed like dp's.
 - ``cp``          the context-parallel group (ring / all-to-all attention).
 - fsdp mesh       1-D ``dp_shard_cp``, or 2-D ``(dp_replicate, dp_shard_cp)`` for HSDP.
+- hybrid groups   (cp_mode "hybrid" only) each cp group split into a2a groups, blocks of
+                  ``cp_a2a_degree`` consecutive cp ranks (inside a node), and ring groups, the
+                  ranks at the same position of their a2a block (across nodes).
 
 Rank layout is row-major over (dp_replicate, dp_shard, cp): cp ranks are adjacent,
 so on GPUs a cp group stays inside a node when cp <= GPUs per node.
@@ -36,7 +39,10 @@ class ParallelDims:
     dp_shard: int
     cp: int
     world_size: int
+    cp_mode: str = "ring"
+    cp_a2a_degree: int = 1
     _meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+    _hybrid: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- sizes (no mesh needed)
     @property
@@ -72,7 +78,23 @@ class ParallelDims:
             "cp": world["cp"],
             "fsdp": fsdp,
         }
+        if self.cp_enabled and self.cp_mode == "hybrid":
+            self._hybrid = self._build_hybrid_groups(world)
         return world
+
+    def _build_hybrid_groups(self, world: DeviceMesh) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        """This rank's (a2a, ring) groups; every rank creates every group, in the same order.
+
+        `dist.new_group` is collective over the world even for groups a rank is not in,
+        so the full enumeration (all cp groups) is built identically on each rank.
+        """
+        a2a = self.cp_a2a_degree
+        cp_groups = world.mesh.reshape(-1, self.cp).tolist()  # global ranks, one row per cp group
+        a2a_lists = [g[i:i + a2a] for g in cp_groups for i in range(0, self.cp, a2a)]
+        ring_lists = [g[j::a2a] for g in cp_groups for j in range(a2a)]
+        a2a_group, _ = dist.new_subgroups_by_enumeration(a2a_lists)
+        ring_group, _ = dist.new_subgroups_by_enumeration(ring_lists)
+        return a2a_group, ring_group
 
     def _mesh(self, name: str) -> DeviceMesh:
         if not self._meshes:
@@ -110,6 +132,14 @@ class ParallelDims:
     def cp_rank(self) -> int:
         return self.cp_mesh.get_local_rank()
 
+    @property
+    def hybrid_groups(self) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        """(a2a_group, ring_group) of this rank for cp_mode "hybrid" (after `build_mesh`)."""
+        if self._hybrid is None:
+            raise ValueError("ParallelDims.hybrid_groups needs cp_mode 'hybrid' with cp > 1 and "
+                             "build_mesh(device_type) called first")
+        return self._hybrid
+
 
 def build_parallel_dims(parallel: ParallelSpec, world_size: int) -> ParallelDims:
     """Resolve `dp_shard = -1` and check the degrees against the world size (no collectives).
@@ -134,4 +164,11 @@ def build_parallel_dims(parallel: ParallelSpec, world_size: int) -> ParallelDims
             f"has {world_size} processes; set parallel.dp_shard = -1 to use the rest, or change the degrees")
     if parallel.cp == 1 and parallel.cp_mode != "ring":  # "ring" is the default: only warn on a real choice
         warn(f"parallel.cp_mode = {parallel.cp_mode!r} has no effect with parallel.cp = 1")
-    return ParallelDims(dp_replicate=rep, dp_shard=shard, cp=cp, world_size=world_size)
+    if parallel.cp_a2a_degree != 1 and parallel.cp_mode != "hybrid":
+        warn(f"parallel.cp_a2a_degree = {parallel.cp_a2a_degree} has no effect with "
+             f"parallel.cp_mode = {parallel.cp_mode!r} (only 'hybrid' uses it)")
+    if parallel.cp_mode == "hybrid" and cp % parallel.cp_a2a_degree:  # ExperimentSpec checks it too
+        raise CosmosTrainError(f"parallel.cp_a2a_degree: must divide parallel.cp ({cp}) "
+                               f"(got {parallel.cp_a2a_degree})")
+    return ParallelDims(dp_replicate=rep, dp_shard=shard, cp=cp, world_size=world_size,
+                        cp_mode=parallel.cp_mode, cp_a2a_degree=parallel.cp_a2a_degree)

@@ -36,7 +36,8 @@ def parallelize(model: nn.Module, spec: ExperimentSpec, dims: ParallelDims, *, d
     """Apply cp, activation checkpointing and FSDP2 to a meta model, then materialise it on `device`."""
     par = spec.parallel
     if dims.cp_enabled:
-        apply_context_parallel(model, dims.cp_group, mode=par.cp_mode)
+        hybrid = dims.hybrid_groups if par.cp_mode == "hybrid" else None
+        apply_context_parallel(model, dims.cp_group, mode=par.cp_mode, hybrid_groups=hybrid)
     if par.activation_checkpointing:
         apply_activation_checkpointing(model)
     param_dtype, reduce_dtype = mixed_precision_dtypes(spec.trainer.precision, device.type)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from cosmos_train.errors import CosmosTrainError
@@ -81,3 +82,44 @@ def test_submesh_ranks_on_four_ranks_with_cp2():
         assert h["dp"] == (rank // 2, 2, [rank % 2, rank % 2 + 2])
         assert h["cp"] == (rank % 2, cp_groups[rank])
         assert h["fsdp"] == (("dp_replicate", "dp_shard_cp"), [[0, 1], [2, 3]])
+
+
+def test_cp_a2a_degree_warns_without_hybrid_and_must_divide_cp(caplog):
+    with caplog.at_level(logging.WARNING, logger="cosmos_train"):
+        build_parallel_dims(ParallelSpec(cp=2, cp_mode="hybrid", cp_a2a_degree=2), 2)
+        assert caplog.text == ""
+        build_parallel_dims(ParallelSpec(cp=2, cp_a2a_degree=2), 2)
+    assert "parallel.cp_a2a_degree = 2 has no effect with parallel.cp_mode = 'ring'" in caplog.text
+    with pytest.raises(CosmosTrainError, match=r"parallel.cp_a2a_degree: must divide parallel.cp \(4\) \(got 3\)"):
+        build_parallel_dims(ParallelSpec(cp=4, cp_mode="hybrid", cp_a2a_degree=3), 4)
+
+
+def _hybrid(rank, world_size):
+    dims = build_parallel_dims(ParallelSpec(cp=4, cp_mode="hybrid", cp_a2a_degree=2), world_size)
+    dims.build_mesh("cpu")
+    a2a, ring = dims.hybrid_groups
+    plain = build_parallel_dims(ParallelSpec(cp=4), world_size)
+    plain.build_mesh("cpu")
+    try:
+        _ = plain.hybrid_groups
+        plain_error = None
+    except ValueError as e:
+        plain_error = str(e)
+    sums = []
+    for group in (a2a, ring):  # the groups are usable: a sum over each gives its members' ranks
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=group)
+        sums.append(t.item())
+    return dict(cp=dist.get_process_group_ranks(dims.cp_group), a2a=dist.get_process_group_ranks(a2a),
+                ring=dist.get_process_group_ranks(ring), sums=sums, plain_error=plain_error)
+
+
+def test_hybrid_groups_on_four_ranks_with_cp4_a2a2():
+    out = run_ranks(_hybrid, 4, timeout=60)
+    a2a_groups = [[0, 1], [0, 1], [2, 3], [2, 3]]  # consecutive cp ranks: inside a node
+    ring_groups = [[0, 2], [1, 3], [0, 2], [1, 3]]  # same position in their a2a block: across nodes
+    for rank, o in enumerate(out):
+        assert o["cp"] == [0, 1, 2, 3]
+        assert o["a2a"] == a2a_groups[rank] and o["ring"] == ring_groups[rank]
+        assert o["sums"] == [sum(a2a_groups[rank]), sum(ring_groups[rank])]
+        assert "cp_mode 'hybrid'" in o["plain_error"]
