@@ -260,6 +260,7 @@ class CheckpointSpec(_Section):
         default_factory=list, description="Key prefixes skipped (and allowed to be missing) when loading weights.")
     async_mode: Literal["off", "async", "async_pinned"] = Field(
         "off", description="off: dcp.save; async: background write; async_pinned: pinned staging.")
+    write_threads: int = Field(2, gt=0, description="Threads per rank writing DCP files (more help on fast disks).")
     keep_last: int | None = Field(None, gt=0, description="Keep only the newest N committed checkpoints.")
     keep_every: int | None = Field(None, gt=0, description="Also keep every checkpoint whose step divides by this.")
     load_ema_to_reg: bool = Field(False, description="Initialise the regular weights from the EMA weights.")

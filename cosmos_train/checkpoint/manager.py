@@ -89,7 +89,7 @@ class Checkpointer:
     def __init__(self, ckpt, run_dir: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
                  trainer_state=None, ema=None, lora_only: bool = False,
                  writer_factory: WriterFactory | None = None, async_process: bool = False,
-                 writer_threads: int = 1) -> None:
+                 writer_threads: int | None = None) -> None:
         self.ckpt = ckpt
         self.run_dir = Path(run_dir)
         self.dir = layout.checkpoints_dir(self.run_dir)
@@ -97,7 +97,7 @@ class Checkpointer:
         self.trainer_state, self.ema, self.lora_only = trainer_state, ema, lora_only
         self.mode = ckpt.async_mode
         self._writer_factory = writer_factory or (
-            lambda p: FileSystemWriter(p, sync_files=True, thread_count=writer_threads))
+            lambda p: FileSystemWriter(p, sync_files=True, thread_count=writer_threads or ckpt.write_threads))
         self.stats: list[SaveStats] = []
         self._future: Future | None = None
         self._pending: SaveStats | None = None
