@@ -11,9 +11,13 @@ rot, not tampering, which is all a training checkpoint needs.
 
 from __future__ import annotations
 
+import io
 import json
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from cosmos_train.checkpoint.layout import COMMITTED_MARKER, PARTS
 from cosmos_train.errors import CheckpointError
@@ -31,6 +35,70 @@ def checksum_file(path: str | Path) -> str:
         while chunk := f.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return f"{crc & 0xFFFFFFFF:08x}"
+
+
+class _ChecksumWriter(io.IOBase):
+    """A write-only file stream that keeps the CRC32 and size of everything written through it."""
+
+    def __init__(self, f) -> None:
+        self._f, self.crc, self.size = f, 0, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        n = self._f.write(view)
+        self.crc, self.size = zlib.crc32(view[:n], self.crc), self.size + n
+        return n
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._f.close()
+        super().close()
+
+
+class ChecksummingFileSystem(FileSystem):
+    """DCP's local file system, checksumming each file while it is written.
+
+    The manifest then needs no second pass over the bytes. Only this process's writes are
+    seen (not a writer subprocess), and a renamed file (DCP's `.metadata`) loses its
+    entry: callers checksum whatever `entries` lacks by reading it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: dict[Path, dict] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with open(path, mode) as f:
+            stream = _ChecksumWriter(f)
+            yield stream
+            stream.flush()
+        self.entries[Path(path)] = {"size": stream.size, ALGORITHM: f"{stream.crc & 0xFFFFFFFF:08x}"}
+
+    def take(self, root: Path) -> dict[str, dict]:
+        """Entries of files under `root` (relative paths), removed from the record."""
+        root = Path(root)
+        mine = {p: e for p, e in self.entries.items() if root in p.parents}
+        for p in mine:
+            del self.entries[p]
+        return {str(p.relative_to(root)): e for p, e in mine.items() if p.exists()}
 
 
 def file_entry(root: str | Path, rel: str) -> dict:

@@ -42,7 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cosmos_train.checkpoint import layout
 from cosmos_train.checkpoint.collectives import IdentityStager, agree, barrier, describe_failure, dist_on, rank, world
-from cosmos_train.checkpoint.integrity import check_loadable, data_files, file_entry, write_manifest
+from cosmos_train.checkpoint.integrity import (
+    ChecksummingFileSystem, check_loadable, data_files, file_entry, write_manifest)
 from cosmos_train.checkpoint.sources import (
     format_key_problems, load_full_weights, map_keys, matches_prefix, resolve_load_path, unexpected_keys)
 from cosmos_train.errors import CheckpointError
@@ -96,8 +97,10 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.trainer_state, self.ema, self.lora_only = trainer_state, ema, lora_only
         self.mode = ckpt.async_mode
+        self._checksums = ChecksummingFileSystem()
         self._writer_factory = writer_factory or (
-            lambda p: FileSystemWriter(p, sync_files=True, thread_count=writer_threads or ckpt.write_threads))
+            lambda p: self._checksummed(FileSystemWriter(p, sync_files=True,
+                                                         thread_count=writer_threads or ckpt.write_threads)))
         self.stats: list[SaveStats] = []
         self._future: Future | None = None
         self._pending: SaveStats | None = None
@@ -194,10 +197,10 @@ class Checkpointer:
             raise CheckpointError(f"saving step {step} into {tmp} failed: {describe_failure(e)}") from e
         t1 = time.perf_counter()
         stats.write_s = t1 - t0
-        # Every rank checksums its share of the files; errors travel as values so no rank hangs.
+        # Every rank reports the checksums of the files it wrote (taken while writing); rank 0
+        # reads what nobody recorded. Errors travel as values so no rank hangs.
         try:
-            files = data_files(tmp)
-            mine = {rel: file_entry(tmp, rel) for rel in files[rank(pg)::world(pg)]}
+            mine = self._checksums.take(tmp)
         except Exception as e:
             mine = f"rank {rank(pg)}: {type(e).__name__}: {e}"
         shares = [mine]
@@ -212,6 +215,10 @@ class Checkpointer:
             raise CheckpointError(f"committing step {step} ({tmp}) failed: {outcome}")
         stats.bytes = outcome
         stats.commit_s = time.perf_counter() - t1
+
+    def _checksummed(self, writer: FileSystemWriter) -> FileSystemWriter:
+        writer.fs = self._checksums  # same layout on disk; the bytes are checksummed on the way
+        return writer
 
     def _write_part(self, sd: dict, part_dir: Path, pg) -> None:
         writer = self._writer_factory(part_dir)
@@ -231,6 +238,9 @@ class Checkpointer:
             return "; ".join(errors)
         try:
             entries = {k: v for s in shares for k, v in s.items()}
+            for rel in data_files(tmp):
+                if rel not in entries:  # DCP's renamed .metadata, or files written by a subprocess
+                    entries[rel] = file_entry(tmp, rel)
             write_manifest(tmp, entries, extra={"step": step, "world_size": world(),
                                                 "lora_only": self.lora_only})
             layout.fsync_dir(tmp)

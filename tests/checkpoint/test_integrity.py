@@ -85,3 +85,23 @@ def test_upstream_dir_without_marker_loads_when_named(tmp_path):
     assert layout.resolve_iteration_dir(it) == it
     assert layout.read_latest(ck_dir) == it  # no marker anywhere: an upstream run, latest file trusted
     assert verify(it) == []
+
+
+def test_checksums_taken_while_writing_equal_a_second_read(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from cosmos_train.checkpoint.integrity import ChecksummingFileSystem, data_files, file_entry
+
+    fs = ChecksummingFileSystem()
+    writer = FileSystemWriter(tmp_path / "part", sync_files=True, thread_count=2)
+    writer.fs = fs
+    sd = {f"t{i}": torch.randn(64, 33) for i in range(6)} | {"blob": {"step": 3, "name": "x"}}
+    dcp.save(sd, storage_writer=writer, no_dist=True)
+    taken = fs.take(tmp_path)
+    shards = [rel for rel in data_files(tmp_path) if rel.endswith(".distcp")]
+    assert len(shards) == 2 and set(shards) <= set(taken)
+    for rel, entry in taken.items():
+        assert entry == file_entry(tmp_path, rel), rel
+    assert fs.take(tmp_path) == {}  # taken once
