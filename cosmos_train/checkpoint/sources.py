@@ -15,7 +15,7 @@ full tensor, never the whole model (the upstream "every rank loads the .pt" OOM)
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cosmos_train.checkpoint import layout
 from cosmos_train.errors import CheckpointError
+from cosmos_train.models.weights import group_keys
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,13 @@ def matches_prefix(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
 
 
 def format_key_problems(missing: list[str], unexpected: list[str], *, source: str, show: int = 5) -> str:
-    """A readable error: missing/unexpected keys grouped by their first two dotted parts."""
+    """A readable error: missing/unexpected keys grouped by block pattern (as `load_weights` shows them)."""
     lines = [f"{source}: checkpoint keys do not match the model "
              f"({len(missing)} missing, {len(unexpected)} unexpected)"]
     for title, keys in (("missing (in the model, not in the checkpoint)", missing),
                         ("unexpected (in the checkpoint, not in the model)", unexpected)):
-        if not keys:
-            continue
-        groups: dict[str, list[str]] = defaultdict(list)
-        for k in sorted(keys):
-            groups[".".join(k.split(".")[:2])].append(k)
-        lines.append(f"  {title}:")
-        for g, ks in list(groups.items())[:show]:
-            more = f" ... (+{len(ks) - 2})" if len(ks) > 2 else ""
-            lines.append(f"    {g}.*: {len(ks)} key(s): {', '.join(ks[:2])}{more}")
-        if len(groups) > show:
-            lines.append(f"    ... and {len(groups) - show} more group(s)")
+        if keys:
+            lines += [f"  {title}:", textwrap.indent(group_keys(keys, max_groups=show, examples=True), "  ")]
     return "\n".join(lines)
 
 

@@ -51,17 +51,23 @@ def check_keys(expected: Iterable[str], got: Iterable[str],
     return missing, unexpected
 
 
-def group_keys(keys: Iterable[str], *, max_groups: int = 8) -> str:
-    """Human summary: keys grouped by block-stripped pattern, first few groups shown."""
+def group_keys(keys: Iterable[str], *, max_groups: int = 8, examples: bool = False) -> str:
+    """Human summary: keys grouped by block-stripped pattern, first few groups shown.
+
+    `examples` adds the first real key of each block pattern (`e.g. net.blocks.3.x.weight`).
+    """
     groups: dict[str, list[int]] = {}
+    first: dict[str, str] = {}
     for key in sorted(keys):
         m = _BLOCK_INDEX.search(key)
         pattern = _BLOCK_INDEX.sub(r"\1blocks.*.", key, count=1) if m else key
         groups.setdefault(pattern, []).append(int(m.group(2)) if m else -1)
+        first.setdefault(pattern, key)
     lines = []
     for pattern, idx in list(groups.items())[:max_groups]:
         blocks = sorted(i for i in idx if i >= 0)
-        lines.append(f"  {pattern}" + (f"  (blocks {_ranges(blocks)})" if blocks else ""))
+        line = f"  {pattern}" + (f"  (blocks {_ranges(blocks)})" if blocks else "")
+        lines.append(line + (f"  e.g. {first[pattern]}" if examples and blocks else ""))
     if len(groups) > max_groups:
         lines.append(f"  ... and {len(groups) - max_groups} more patterns")
     return "\n".join(lines)
