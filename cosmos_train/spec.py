@@ -94,6 +94,29 @@ class TokenizerSpec(_Section):
         "space_to_depth",
         description="Video tokenizer: space_to_depth (exact, no weights, tiny runs) or wan2.1 (the released VAE).")
     spatial_factor: int = Field(2, gt=0, description="Spatial compression of the space_to_depth tokenizer.")
+    path: str | None = Field(
+        None, description="wan2.1 weights: diffusers vae/ folder, upstream tokenizer/tokenizer.pth, or hf://org/repo/path.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="wan2.1 compute dtype: auto = bf16 on CUDA (as upstream), fp32 on CPU.")
+    tiling: bool = Field(False, description="wan2.1: spatial tiling (diffusers' tiled path) to fit 720p on small GPUs.")
+
+    @model_validator(mode="after")
+    def _path_for_wan(self) -> "TokenizerSpec":
+        if self.kind == "wan2.1" and not self.path:
+            raise ValueError("kind \"wan2.1\" needs model.tokenizer.path (e.g. "
+                             "\"hf://nvidia/Cosmos-Predict2-2B-Video2World/tokenizer/tokenizer.pth\")")
+        if self.kind != "wan2.1" and (self.path or self.tiling or self.dtype != "auto"):
+            raise ValueError("path, dtype and tiling apply to kind \"wan2.1\" only")
+        return self
+
+
+class TextEncoderSpec(_Section):
+    path: str = Field(
+        "hf://nvidia/Cosmos-Predict2-2B-Video2World/text_encoder",
+        description="T5 encoder (transformers T5EncoderModel dir, or hf://); its tokenizer is read from the same dir, "
+                    "else from tokenizer/ beside it. Used by `data embed` and `infer --prompt`.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    offload: bool = Field(True, description="infer: move the text encoder back to the CPU after encoding the prompt.")
 
 
 class ModelSpec(_Section):
@@ -101,6 +124,8 @@ class ModelSpec(_Section):
     architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec,
                                            description="Per-field overrides of the preset.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Video tokenizer.")
+    text_encoder: TextEncoderSpec = Field(default_factory=TextEncoderSpec,
+                                          description="Text encoder for captions and prompts (T5-XXL).")
     train_architecture: Literal["full", "lora"] = Field("full", description="Train all weights or LoRA adapters.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (train_architecture = 'lora').")
     ema: EmaSpec = Field(default_factory=EmaSpec, description="EMA settings.")
@@ -144,6 +169,9 @@ class DataSpec(_Section):
         "skip", description="Clips shorter than num_frames: skip with one warning, or fail.")
     num_synthetic_clips: int = Field(8, gt=0, description="Clips generated for kind = 'synthetic'.")
     validation_clips: int = Field(0, ge=0, description="Clips held out for the validation loss.")
+    latents: Literal["auto", "cached", "video"] = Field(
+        "auto", description="VAE latents: cached = read DATASET/latents.zarr (from `data encode`), video = encode "
+                            "every step, auto = the cache when present and matching the spec.")
 
     @field_validator("num_frames")
     @classmethod
@@ -313,6 +341,11 @@ class ExperimentSpec(_Section):
             if h % f or w % f:
                 raise ValueError(f"data.video_size: must be divisible by tokenizer spatial_factor x "
                                  f"patch_spatial = {f} (got {list(self.data.video_size)})")
+        else:
+            f = 8 * self.model.dit_config().patch_spatial  # Wan2.1 compresses space by 8
+            if h % f or w % f:
+                raise ValueError(f"data.video_size: must be divisible by 8 (Wan2.1 VAE) x patch_spatial = {f} "
+                                 f"(got {list(self.data.video_size)})")
         return self
 
     def run_dir(self, env: dict[str, str] | None = None) -> Path:

@@ -7,7 +7,8 @@ with weights (Wan2.1: x4 time, x8 space, 16 channels) plugs in through
 `build_tokenizer` without changes elsewhere.
 
 Built in: `SpaceToDepthTokenizer`, deterministic and exactly invertible, so the tiny
-preset trains and samples with no downloaded weights.
+preset trains and samples with no downloaded weights. `kind = "wan2.1"` is the released VAE
+(`wan_vae.py`, diffusers' `AutoencoderKLWan` with upstream's latent normalisation).
 """
 
 from __future__ import annotations
@@ -92,5 +93,8 @@ def build_tokenizer(spec) -> VideoTokenizer:
     """The tokenizer described by a `TokenizerSpec` (model.tokenizer section)."""
     if spec.kind == "space_to_depth":
         return SpaceToDepthTokenizer(spec.spatial_factor)
-    # A weighted VAE (e.g. Wan2.1) is added here as another `kind`; nothing else changes.
-    raise ValueError(f"unknown tokenizer kind {spec.kind!r}; valid: 'space_to_depth'")
+    if spec.kind == "wan2.1":
+        from cosmos_train.models.wan_vae import build_wan_tokenizer  # imports diffusers only when used
+
+        return build_wan_tokenizer(spec)
+    raise ValueError(f"unknown tokenizer kind {spec.kind!r}; valid: 'space_to_depth', 'wan2.1'")
