@@ -1,4 +1,4 @@
-"""`data check` and `data convert-embeddings`: look at and prepare a dataset before training."""
+"""`data check`, `convert-embeddings`, `embed`, `encode`: look at and prepare a dataset before training."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from rich.table import Table
 from cosmos_train.cli.common import console, err_console, handle_errors
 from cosmos_train.data import check as check_lib
 from cosmos_train.data import embeddings as embeddings_lib
+from cosmos_train.errors import CosmosTrainError
+from cosmos_train.spec import TextEncoderSpec
+
+DEFAULT_T5 = TextEncoderSpec().path
 
 app = typer.Typer(name="data", help="Inspect and prepare datasets (upstream layout).", no_args_is_help=True)
 
@@ -71,5 +75,45 @@ def convert_embeddings(
                   f"{len(report.skipped_existing)} already present -> {report.store}")
 
 
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@handle_errors
+def embed(
+        dataset_dir: DatasetArg,
+        model: Annotated[str, typer.Option(help="T5 encoder: local dir or hf://org/repo/path (tokenizer in it or in "
+                                                "tokenizer/ beside it).")] = DEFAULT_T5,
+        tokenizer: Annotated[str | None, typer.Option(help="T5 tokenizer dir (default: see --model).")] = None,
+        batch_size: Annotated[int, typer.Option(help="Captions per encoder call.")] = 8,
+        dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
+        device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+        overwrite: Annotated[bool, typer.Option(help="Re-embed clips already in the store.")] = False,
+        out: Annotated[Path | None, typer.Option(help="Store path (default DATASET_DIR/t5_xxl.zarr).")] = None,
+) -> None:
+    """Embed the captions metas/*.txt with T5 into DATASET_DIR/t5_xxl.zarr (resumable).
+
+    Example: cosmos-train data embed datasets/my_clips --model checkpoints/google-t5/t5-11b
+    """
+    from cosmos_train.data.text_embed import embed_captions
+    from cosmos_train.models.text_encoder import T5TextEncoder
+
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise CosmosTrainError(f"--dtype: must be auto, fp32 or bf16 (got {dtype!r})")
+    encoder = T5TextEncoder.load(model, tokenizer_path=tokenizer, dtype=dtype)
+    report = embed_captions(dataset_dir, encoder, batch_size=batch_size, device=_device(device), out=out,
+                            overwrite=overwrite)
+    if report.truncated:
+        console.print(f"[yellow]warning:[/yellow] {len(report.truncated)} captions reached the 512-token limit "
+                      f"(truncated, as upstream): {', '.join(report.truncated[:5])}", highlight=False)
+    console.print(f"[green]ok[/green] {len(report.embedded)} embedded, "
+                  f"{len(report.skipped_existing)} already present -> {report.store}")
+
+
 app.command("check")(check)
 app.command("convert-embeddings")(convert_embeddings)
+app.command("embed")(embed)
