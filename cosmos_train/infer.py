@@ -42,7 +42,7 @@ class InferenceRequest:
 
     checkpoint: Path | str
     input: Path
-    prompt_embedding: str
+    prompt_embedding: str | None  # None: `prompt` is encoded with the text encoder
     output: Path
     spec: Path | None = None
     negative_embedding: str | None = None
@@ -55,6 +55,10 @@ class InferenceRequest:
     fps: int = 16
     lossless: bool = False  # exact RGB H.264 (for comparisons); the default plays everywhere
     device: str = "auto"
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    text_encoder: str | None = None  # default: the spec's model.text_encoder.path
+    offload: bool = True  # text encoder and VAE off the GPU while the DiT samples
 
 
 # --------------------------------------------------------------------- inputs
@@ -200,8 +204,10 @@ def infer(req: InferenceRequest) -> Path:
 
 def _infer(req: InferenceRequest, info) -> Path:
     device = _device(req.device, info)
+    if (req.prompt is None) == (req.prompt_embedding is None):
+        raise CosmosTrainError("give the text condition as --prompt TEXT or --prompt-embedding FILE, exactly one")
     model, spec = build_inference_model(req, device)
-    tokenizer = build_tokenizer(spec.model.tokenizer)
+    tokenizer = build_tokenizer(spec.model.tokenizer, latent_channels=spec.model.dit_config().latent_channels)
     H, W = spec.data.video_size
     T = req.num_frames or spec.data.num_frames
     C, Tl, Hl, Wl = tokenizer.latent_shape(T, H, W)
@@ -221,10 +227,18 @@ def _infer(req: InferenceRequest, info) -> Path:
     video = torch.zeros(1, 3, T, H, W, dtype=torch.uint8)
     video[0, :, :cond_pixels] = read_condition_frames(Path(req.input), (H, W), cond_pixels)
     condition_latent = tokenizer.encode(video.to(device))
+    if req.offload and hasattr(tokenizer, "offload"):
+        tokenizer.offload()  # back on the GPU for decoding, after sampling
     context_dim = spec.model.dit_config().context_dim
-    emb, _ = load_embedding(req.prompt_embedding, width=context_dim)
-    # the empty prompt by default: what text dropout trains for
-    neg = load_embedding(req.negative_embedding, width=context_dim)[0] if req.negative_embedding else torch.zeros_like(emb)
+    if req.prompt is not None:
+        from cosmos_train.prompt import encode_prompt
+
+        emb, neg = encode_prompt(req.prompt, req.negative_prompt, spec.model.text_encoder, device=device,
+                                 width=context_dim, path=req.text_encoder, offload=req.offload)
+    else:
+        emb, _ = load_embedding(req.prompt_embedding, width=context_dim)
+        # the empty prompt by default: what text dropout trains for
+        neg = load_embedding(req.negative_embedding, width=context_dim)[0] if req.negative_embedding else torch.zeros_like(emb)
     guided = req.guidance != 1.0
     # Upstream conditions on the zero-padded embedding without a key mask; released weights expect it.
     latent = sample(model, condition_latent=condition_latent, num_condition_frames=k,

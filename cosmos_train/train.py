@@ -136,7 +136,7 @@ def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_d
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(spec.optimizer, params, device_type=device.type)
     scheduler = build_scheduler(spec.scheduler, optimizer)
-    tokenizer = build_tokenizer(spec.model.tokenizer)
+    tokenizer = build_tokenizer(spec.model.tokenizer, latent_channels=spec.model.dit_config().latent_channels)
 
     cache_dir = run_dir.parent.parent.parent / ".cache"
     loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size, seed=spec.job.seed,

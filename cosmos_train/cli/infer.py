@@ -1,4 +1,4 @@
-"""`infer`: sample a video from a checkpoint and an input frame."""
+"""`infer`: sample a video from a checkpoint, an input frame and a prompt (text or embedding)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ from cosmos_train.cli.common import handle_errors
 def infer(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="model.pt | .safetensors | DCP iteration dir | run dir | hf://org/repo/file")],
     input: Annotated[Path, typer.Option("--input", "-i", help="Conditioning image (png/jpg) or clip (mp4: its last frame).")],
-    prompt_embedding: Annotated[str, typer.Option("--prompt-embedding", "-p", help="Text embedding: FILE.npy [n_tokens, 1024] or STORE.zarr:KEY.")],
+    prompt_embedding: Annotated[str | None, typer.Option("--prompt-embedding", "-p", help="Text embedding: FILE.npy [n_tokens, 1024] or STORE.zarr:KEY.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Text prompt, encoded with the spec's model.text_encoder (T5).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative text prompt (default: the empty prompt).")] = None,
+    text_encoder: Annotated[str | None, typer.Option("--text-encoder", help="T5 dir or hf://org/repo/path (default: model.text_encoder.path).")] = None,
+    offload: Annotated[bool, typer.Option("--offload/--no-offload", help="Move the text encoder and VAE off the GPU while the DiT samples.")] = True,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output mp4.")] = Path("outputs/sample.mp4"),
     spec: Annotated[Path | None, typer.Option("--spec", help="Spec of the model; default: the run's spec.toml beside the checkpoint.")] = None,
     negative_embedding: Annotated[str | None, typer.Option("--negative-embedding", help="Negative prompt embedding (default: empty prompt).")] = None,
@@ -31,6 +35,9 @@ def infer(
     """Video2World: condition on a frame, sample a clip, write an mp4.
 
     Example: cosmos-train infer -c outputs/cosmos_train/examples/tiny -i frame.png -p prompt.npy --steps 35 -o out.mp4
+
+    Released 2B: cosmos-train infer -c hf://nvidia/Cosmos-Predict2-2B-Video2World/model-720p-16fps.pt
+    --spec examples/2b_lora.toml --prompt "A video of sks teal robot." -i first_frame.jpg -o out.mp4
     """
     from cosmos_train.infer import InferenceRequest
     from cosmos_train.infer import infer as run_inference
@@ -40,4 +47,5 @@ def infer(
     run_inference(InferenceRequest(
         checkpoint=checkpoint, input=input, prompt_embedding=prompt_embedding, output=output, spec=spec,
         negative_embedding=negative_embedding, lora=lora, guidance=guidance, steps=steps, seed=seed, ema=ema,
-        num_frames=num_frames, fps=fps, lossless=lossless, device=device))
+        num_frames=num_frames, fps=fps, lossless=lossless, device=device, prompt=prompt,
+        negative_prompt=negative_prompt, text_encoder=text_encoder, offload=offload))

@@ -89,12 +89,20 @@ class SpaceToDepthTokenizer(VideoTokenizer):
         return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
-def build_tokenizer(spec) -> VideoTokenizer:
-    """The tokenizer described by a `TokenizerSpec` (model.tokenizer section)."""
+def build_tokenizer(spec, *, latent_channels: int | None = None) -> VideoTokenizer:
+    """The tokenizer described by a `TokenizerSpec` (model.tokenizer section).
+
+    `latent_channels` (the DiT's) is checked against the tokenizer's when given.
+    """
     if spec.kind == "space_to_depth":
-        return SpaceToDepthTokenizer(spec.spatial_factor)
-    if spec.kind == "wan2.1":
+        tokenizer = SpaceToDepthTokenizer(spec.spatial_factor)
+    elif spec.kind == "wan2.1":
         from cosmos_train.models.wan_vae import build_wan_tokenizer  # imports diffusers only when used
 
-        return build_wan_tokenizer(spec)
-    raise ValueError(f"unknown tokenizer kind {spec.kind!r}; valid: 'space_to_depth', 'wan2.1'")
+        tokenizer = build_wan_tokenizer(spec)
+    else:
+        raise ValueError(f"unknown tokenizer kind {spec.kind!r}; valid: 'space_to_depth', 'wan2.1'")
+    if latent_channels is not None and tokenizer.latent_channels != latent_channels:
+        raise CosmosTrainError(f"model.architecture.latent_channels: the DiT takes {latent_channels} channels but "
+                               f"the {spec.kind} tokenizer makes {tokenizer.latent_channels}")
+    return tokenizer
