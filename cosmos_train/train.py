@@ -90,9 +90,15 @@ class _Batches:
         if self._it is None:
             self._it = self.loader.batches()
         batch = next(self._it)
-        with torch.no_grad():
-            latent = self.tokenizer.encode(batch["video"].to(self.device, non_blocking=True))
-        return latent, batch["t5_text_embeddings"].to(self.device, non_blocking=True)
+        return _latent(batch, self.tokenizer, self.device), batch["t5_text_embeddings"].to(self.device, non_blocking=True)
+
+
+def _latent(batch: dict, tokenizer, device: torch.device) -> torch.Tensor:
+    """The batch's latent: from the latent cache when the loader read it, else encoded here."""
+    if "latent" in batch:
+        return batch["latent"].to(device, non_blocking=True)
+    with torch.no_grad():
+        return tokenizer.encode(batch["video"].to(device, non_blocking=True))
 
 
 def _validation_loss(model, val_loader, tokenizer, spec: ExperimentSpec, device, dp_rank: int) -> float:
@@ -101,7 +107,7 @@ def _validation_loss(model, val_loader, tokenizer, spec: ExperimentSpec, device,
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in val_loader:
-            latent = tokenizer.encode(batch["video"].to(device))
+            latent = _latent(batch, tokenizer, device)
             emb = batch["t5_text_embeddings"].to(device)
             for sigma in spec.trainer.validation_sigmas:
                 loss, _ = training_loss(model, latent, emb, None, generator=generator,
@@ -140,11 +146,11 @@ def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_d
 
     cache_dir = run_dir.parent.parent.parent / ".cache"
     loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size, seed=spec.job.seed,
-                              cache_dir=cache_dir, split="train")
+                              cache_dir=cache_dir, split="train", tokenizer=tokenizer)
     val_loader = None
     if tr.validation_iter and spec.data.validation_clips:
         val_loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
-                                      seed=spec.job.seed, cache_dir=cache_dir, split="val")
+                                      seed=spec.job.seed, cache_dir=cache_dir, split="val", tokenizer=tokenizer)
     generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, dims.dp_rank))
     state = TrainerState(seed=spec.job.seed, generator=generator, sampler=loader)
     lora_only = spec.model.train_architecture == "lora" and spec.checkpoint.save_adapters_only

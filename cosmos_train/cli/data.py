@@ -114,6 +114,37 @@ def embed(
                   f"{len(report.skipped_existing)} already present -> {report.store}")
 
 
+@handle_errors
+def encode(
+        dataset_dir: DatasetArg,
+        spec: Annotated[Path, typer.Option(help="Spec whose model.tokenizer, data.num_frames and data.video_size "
+                                                "the latents are made with.", show_default=False)],
+        device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+        overwrite: Annotated[bool, typer.Option(help="Re-encode every clip (and replace a cache with other "
+                                                     "settings).")] = False,
+) -> None:
+    """Encode every clip with the spec's VAE into DATASET_DIR/latents.zarr (resumable); training reads it.
+
+    Example: cosmos-train data encode datasets/my_clips --spec examples/2b_lora.toml
+    """
+    from cosmos_train.data.latents import encode_dataset
+    from cosmos_train.models.tokenizer import build_tokenizer
+    from cosmos_train.spec import load_spec
+
+    exp = load_spec(spec)
+    tokenizer = build_tokenizer(exp.model.tokenizer, latent_channels=exp.model.dit_config().latent_channels)
+    report = encode_dataset(dataset_dir, tokenizer, num_frames=exp.data.num_frames,
+                            video_size=tuple(exp.data.video_size), device=_device(device),
+                            short_clips=exp.data.short_clips, overwrite=overwrite)
+    if report.longer_than_window:
+        console.print(f"[yellow]note:[/yellow] {len(report.longer_than_window)} clips are longer than "
+                      f"{exp.data.num_frames} frames; the cache holds their first {exp.data.num_frames} frames "
+                      f"(training on the fly draws a random window)", highlight=False)
+    console.print(f"[green]ok[/green] {len(report.encoded)} encoded, "
+                  f"{len(report.skipped_existing)} already present -> {report.store}")
+
+
 app.command("check")(check)
 app.command("convert-embeddings")(convert_embeddings)
 app.command("embed")(embed)
+app.command("encode")(encode)

@@ -93,17 +93,36 @@ def _split(full: VideoFolderDataset, n_val: int, split: str) -> VideoFolderDatas
     return full.subset(full.keys[-n_val:] if split == "val" else full.keys[:-n_val])
 
 
+def _dataset(path: Path, data: DataSpec, tokenizer) -> VideoFolderDataset:
+    """Videos, or cached latents when `data.latents` and the cache agree (see `data/latents.py`)."""
+    kwargs = dict(num_frames=data.num_frames, video_size=tuple(data.video_size), short_clips=data.short_clips)
+    store = None
+    if tokenizer is not None and data.kind == "video_folder":
+        from cosmos_train.data.latents import CachedLatentDataset, cache_attrs, open_cache
+
+        store = open_cache(path, latents=data.latents, attrs=cache_attrs(tokenizer, num_frames=data.num_frames,
+                                                                         video_size=tuple(data.video_size)))
+        if store is not None:
+            return CachedLatentDataset(path, store=store, **kwargs)
+    if data.latents == "cached" and store is None:
+        raise CosmosTrainError("data.latents = \"cached\" needs data.kind = \"video_folder\" and a tokenizer")
+    return VideoFolderDataset(path, **kwargs)
+
+
 def build_dataloader(data: DataSpec, *, dp_rank: int, dp_size: int, seed: int, cache_dir: Path,
-                     split: Literal["train", "val"] = "train", pin_memory: bool = False) -> VideoLoader:
-    """The loader of this dp rank for `split`; cp ranks of one dp group pass the same dp_rank."""
+                     split: Literal["train", "val"] = "train", pin_memory: bool = False,
+                     tokenizer=None) -> VideoLoader:
+    """The loader of this dp rank for `split`; cp ranks of one dp group pass the same dp_rank.
+
+    With `tokenizer`, `data.latents` decides whether batches carry `latent` (a matching cache)
+    or `video` (encoded by the caller).
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
     if split == "val" and data.validation_clips == 0:
         raise CosmosTrainError("data.validation_clips is 0: there is no validation split; set it > 0")
     dirs = dataset_dirs(data, cache_dir=cache_dir)
-    parts = [_split(VideoFolderDataset(d, num_frames=data.num_frames, video_size=tuple(data.video_size),
-                                       short_clips=data.short_clips), data.validation_clips, split)
-             for d, _ in dirs]
+    parts = [_split(_dataset(d, data, tokenizer), data.validation_clips, split) for d, _ in dirs]
     dataset = parts[0] if len(parts) == 1 else ConcatDatasets(parts)
     common = dict(seed=seed, dp_rank=dp_rank, dp_size=dp_size, batch_size=data.batch_size)
     if split == "val":

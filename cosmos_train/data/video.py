@@ -225,7 +225,7 @@ class VideoFolderDataset(Dataset):
         missing = [k for k in keys if k not in pos]
         if missing:
             raise CosmosTrainError(f"{self.root}: no such usable clips: {_names(missing)}")
-        out = object.__new__(VideoFolderDataset)
+        out = object.__new__(type(self))
         out.__dict__.update(self.__dict__)
         out.keys = sorted(keys)
         out.frame_counts = [self.frame_counts[pos[k]] for k in out.keys]

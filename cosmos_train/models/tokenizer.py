@@ -49,6 +49,10 @@ class VideoTokenizer(ABC):
         """Pixel frames decoded from `latent_T` latent frames."""
         return (latent_T - 1) * self.temporal_compression + 1
 
+    def identity(self) -> dict:
+        """What makes this tokenizer's latents differ from another's (recorded by the latent cache)."""
+        return {"kind": type(self).__name__}
+
 
 class SpaceToDepthTokenizer(VideoTokenizer):
     """Exact tokenizer: pixels scaled to [-1, 1], 4 frames x s x s pixels folded into channels.
@@ -65,6 +69,9 @@ class SpaceToDepthTokenizer(VideoTokenizer):
             raise ValueError(f"spatial_factor must be >= 1 (got {spatial_factor})")
         self.spatial_compression = spatial_factor
         self.latent_channels = 3 * self.temporal_compression * spatial_factor ** 2
+
+    def identity(self) -> dict:
+        return {"kind": "space_to_depth", "spatial_factor": self.spatial_compression}
 
     def encode(self, video_B_C_T_H_W: torch.Tensor) -> torch.Tensor:
         if video_B_C_T_H_W.dtype != torch.uint8 or video_B_C_T_H_W.ndim != 5 or video_B_C_T_H_W.shape[1] != 3:

@@ -200,6 +200,18 @@ def load_wan_vae(path: str | Path):
     return vae.eval().requires_grad_(False)
 
 
+def _digest(vae) -> str:
+    """Short hash of the config (latent statistics included) and every weight: tells two VAEs apart."""
+    import hashlib
+    import json
+
+    h = hashlib.blake2b(json.dumps({k: v for k, v in vae.config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode(), digest_size=8)
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------ tokenizer
 class WanVAETokenizer(VideoTokenizer):
     """Wan2.1 VAE as a `VideoTokenizer`: normalised latents, chunked causal encode/decode.
@@ -223,6 +235,10 @@ class WanVAETokenizer(VideoTokenizer):
         self.inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         if tiling:
             vae.enable_tiling()
+        self._weights_digest = _digest(vae)  # now, while the weights are the loaded fp32 ones
+
+    def identity(self) -> dict:
+        return {"kind": "wan2.1", "weights": self._weights_digest, "source": self.source, "tiling": self.tiling}
 
     # ----------------------------------------------------------- placement
     def _dtype_for(self, device: torch.device) -> torch.dtype:
