@@ -86,11 +86,15 @@ def _device(name: str):
 @handle_errors
 def embed(
         dataset_dir: DatasetArg,
-        model: Annotated[str, typer.Option(help="T5 encoder: local dir or hf://org/repo/path (tokenizer in it or in "
-                                                "tokenizer/ beside it).")] = DEFAULT_T5,
+        model: Annotated[str | None, typer.Option(help="T5 encoder: local dir or hf://org/repo/path (tokenizer in it "
+                                                       f"or in tokenizer/ beside it); default: --spec's "
+                                                       f"model.text_encoder.path, else {DEFAULT_T5}.")] = None,
+        spec: Annotated[Path | None, typer.Option(help="Take the encoder (path, dtype) from this spec's "
+                                                       "model.text_encoder.")] = None,
         tokenizer: Annotated[str | None, typer.Option(help="T5 tokenizer dir (default: see --model).")] = None,
         batch_size: Annotated[int, typer.Option(help="Captions per encoder call.")] = 8,
-        dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
+        dtype: Annotated[str | None, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 "
+                                                       "(default: the spec's, else auto)")] = None,
         device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
         overwrite: Annotated[bool, typer.Option(help="Re-embed clips already in the store.")] = False,
         out: Annotated[Path | None, typer.Option(help="Store path (default DATASET_DIR/t5_xxl.zarr).")] = None,
@@ -98,13 +102,18 @@ def embed(
     """Embed the captions metas/*.txt with T5 into DATASET_DIR/t5_xxl.zarr (resumable).
 
     Example: cosmos-train data embed datasets/my_clips --model checkpoints/google-t5/t5-11b
+    (or --spec examples/2b_lora.toml: the encoder named in the spec)
     """
     from cosmos_train.data.text_embed import embed_captions
     from cosmos_train.models.text_encoder import T5TextEncoder
 
+    from cosmos_train.spec import load_spec
+
+    section = load_spec(spec).model.text_encoder if spec is not None else TextEncoderSpec()
+    dtype = dtype or section.dtype
     if dtype not in ("auto", "fp32", "bf16"):
         raise CosmosTrainError(f"--dtype: must be auto, fp32 or bf16 (got {dtype!r})")
-    encoder = T5TextEncoder.load(model, tokenizer_path=tokenizer, dtype=dtype)
+    encoder = T5TextEncoder.load(model or section.path, tokenizer_path=tokenizer, dtype=dtype)
     report = embed_captions(dataset_dir, encoder, batch_size=batch_size, device=_device(device), out=out,
                             overwrite=overwrite)
     if report.truncated:

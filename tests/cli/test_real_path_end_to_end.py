@@ -48,7 +48,7 @@ def test_embed_encode_run_consolidate_infer_prompt(tmp_path):
     spec_file = tmp_path / "spec.toml"
     spec_file.write_text(tomli_w.dumps(raw))
 
-    r = runner.invoke(app, ["data", "embed", str(data), "--model", str(t5), "--device", "cpu"])
+    r = runner.invoke(app, ["data", "embed", str(data), "--spec", str(spec_file), "--device", "cpu"])
     assert r.exit_code == 0 and "2 embedded" in r.output, r.output
     r = runner.invoke(app, ["data", "encode", str(data), "--spec", str(spec_file), "--device", "cpu"])
     assert r.exit_code == 0 and "2 encoded" in r.output, r.output
