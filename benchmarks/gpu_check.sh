@@ -13,6 +13,8 @@
 #                     forward and backward, on one GPU
 #   ring_nccl         >= 2 GPUs: ring (flash/efficient/math) and a2a attention on NCCL vs full attention,
 #                     outputs and q/k/v grads, K/V exchange counts
+#   wan_2b_step       2 LoRA steps of examples/2b_lora.toml at 704x1280x93 with the released DiT and Wan2.1 VAE
+#                     (skipped unless both are in the Hugging Face cache)
 # Writes OUTPUT_DIR/gpu_check.json (summary) and OUTPUT_DIR/<check>.log. Not part of the CPU test suite.
 set -u
 cd "$(dirname "$0")/.."
@@ -253,6 +255,38 @@ if [ -z "${NO_GPU:-}" ]; then
   else
     skip ring_nccl "needs >= 2 GPUs (found $NGPU)"
   fi
+fi
+
+# ------------------------------------------------------------------- 2B step with the released VAE
+# wan_2b_step: examples/2b_lora.toml at 704x1280x93 (synthetic clips, embeddings generated), the released
+# DiT and Wan2.1 VAE from the Hugging Face cache (never downloaded here: HF_HUB_OFFLINE lookup), 2 steps.
+cat >"$WORK/find_2b.py" <<'EOF'
+from cosmos_train.models.hub import resolve_local
+for path in ("hf://nvidia/Cosmos-Predict2-2B-Video2World/model-720p-16fps.pt",
+             "hf://nvidia/Cosmos-Predict2-2B-Video2World/tokenizer/tokenizer.pth"):
+    resolve_local(path, offline=True)
+EOF
+cat >"$WORK/last_metrics.py" <<'EOF'
+import glob, json, sys
+rows = [json.loads(l) for p in glob.glob(sys.argv[1] + "/**/metrics.jsonl", recursive=True) for l in open(p)]
+print(json.dumps({"metrics": rows[-1] if rows else None}))
+EOF
+if [ "$NGPU" -lt 1 ]; then
+  skip wan_2b_step "no CUDA device"
+elif ! "$PY" -c 'import diffusers, transformers' >/dev/null 2>&1; then
+  skip wan_2b_step "diffusers/transformers missing: pip install -e '.[wan]'"
+elif ! "$PY" "$WORK/find_2b.py" >"$OUT_DIR/wan_2b_step.find.log" 2>&1; then
+  skip wan_2b_step "released 2B weights not in the Hugging Face cache (see wan_2b_step.find.log)"
+else
+  CP=$([ "$NGPU" -ge 2 ] && echo 2 || echo 1)
+  cat >"$WORK/wan_2b_step.sh" <<EOF
+set -e
+${TORCHRUN[*]} -m cosmos_train run examples/2b_lora.toml job.output_root=$WORK/runs \\
+  data.kind=synthetic data.dataset_dir=$WORK/wan_data data.num_synthetic_clips=$NGPU data.batch_size=1 \\
+  data.num_workers=2 parallel.cp=$CP trainer.max_iter=2 trainer.logging_iter=1 checkpoint.save_iter=1000
+$PY $WORK/last_metrics.py $WORK/runs
+EOF
+  run_check wan_2b_step 900 bash "$WORK/wan_2b_step.sh"
 fi
 
 # ------------------------------------------------------------------------------------------ summary
