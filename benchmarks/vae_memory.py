@@ -74,6 +74,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", side, str(frames), "--size", str(args.size),
                                   "--base-dim", str(args.base_dim)], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     result = {"size": args.size, "base_dim": args.base_dim, "uint8_clip_mb_per_frame": round(3 * args.size ** 2 / 2**20, 3),
               "rows": rows}
     for side in ("ours", "diffusers"):

@@ -116,7 +116,6 @@ class TextEncoderSpec(_Section):
         description="T5 encoder (transformers T5EncoderModel dir, or hf://); its tokenizer is read from the same dir, "
                     "else from tokenizer/ beside it. Used by `data embed` and `infer --prompt`.")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
-    offload: bool = Field(True, description="infer: move the text encoder back to the CPU after encoding the prompt.")
 
 
 class ModelSpec(_Section):

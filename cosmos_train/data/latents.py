@@ -29,7 +29,7 @@ import torch
 import zarr
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cosmos_train.data.video import VIDEOS_DIR, VideoFolderDataset, read_frames, resize_video
+from cosmos_train.data.video import METAS_DIR, VIDEOS_DIR, VideoFolderDataset, read_frames, resize_video
 from cosmos_train.errors import CosmosTrainError
 
 CACHE_NAME = "latents.zarr"
@@ -146,7 +146,7 @@ class CachedLatentDataset(VideoFolderDataset):
         key = self.keys[index]
         emb, mask = self.store.get(key)
         return {"latent": self.latents.get(key), "t5_text_embeddings": emb, "t5_text_mask": mask,
-                "caption": (self.root / "metas" / f"{key}.txt").read_text().strip(), "key": key}
+                "caption": (self.root / METAS_DIR / f"{key}.txt").read_text().strip(), "key": key}
 
 
 # ---------------------------------------------------------------- encoding
@@ -163,7 +163,10 @@ class EncodeReport:
 def encode_dataset(dataset_dir: str | Path, tokenizer, *, num_frames: int, video_size: tuple[int, int],
                    device: torch.device | str = "cpu", short_clips: str = "skip", out: str | Path | None = None,
                    overwrite: bool = False, show_progress: bool = True) -> EncodeReport:
-    """Encode the first `num_frames` frames of every usable clip into the latent cache (resumable)."""
+    """Encode the first `num_frames` frames of every usable clip into the latent cache (resumable).
+
+    Usable clips are those training would read (caption, video and text embedding present, long enough).
+    """
     dataset = VideoFolderDataset(dataset_dir, num_frames=num_frames, video_size=video_size, short_clips=short_clips)
     path = Path(out) if out is not None else dataset.root / CACHE_NAME
     attrs = cache_attrs(tokenizer, num_frames=num_frames, video_size=tuple(video_size))
