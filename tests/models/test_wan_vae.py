@@ -119,3 +119,16 @@ def test_errors_name_the_problem(tmp_path, layouts):
     (tmp_path / "junk.pth").write_bytes(b"not a zip")
     with pytest.raises(CosmosTrainError, match="cannot read the VAE weights"):
         build_tokenizer(TokenizerSpec(kind="wan2.1", path=str(tmp_path / "junk.pth")))
+
+
+def test_bf16_compute_stays_close_and_offload_returns_to_cpu(layouts):
+    fp32 = build_tokenizer(TokenizerSpec(kind="wan2.1", path=str(layouts[0])))
+    bf16 = build_tokenizer(TokenizerSpec(kind="wan2.1", path=str(layouts[0]), dtype="bf16"))
+    video = _video(T=5, H=16, W=16, seed=2)
+    a, b = fp32.encode(video), bf16.encode(video)
+    assert b.dtype == torch.float32 and next(bf16.vae.parameters()).dtype == torch.bfloat16
+    assert _rel(b, a) < 5e-2
+    assert (bf16.decode(b).int() - fp32.decode(a).int()).abs().float().mean() < 8
+    assert fp32.identity() == bf16.identity()  # same weights: a cache made by either is valid for both
+    bf16.offload()
+    assert next(bf16.vae.parameters()).device.type == "cpu"
