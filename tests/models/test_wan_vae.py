@@ -132,3 +132,17 @@ def test_bf16_compute_stays_close_and_offload_returns_to_cpu(layouts):
     assert fp32.identity() == bf16.identity()  # same weights: a cache made by either is valid for both
     bf16.offload()
     assert next(bf16.vae.parameters()).device.type == "cpu"
+
+
+def test_spatial_tiling_runs_diffusers_tiled_path(layouts):
+    plain = build_tokenizer(TokenizerSpec(kind="wan2.1", path=str(layouts[0])))
+    tiled = build_tokenizer(TokenizerSpec(kind="wan2.1", path=str(layouts[0]), tiling=True))
+    # tiles of 32 px with 16 px overlap instead of 256/192, so a 64 px clip is split
+    tiled.vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
+                            tile_sample_stride_height=16, tile_sample_stride_width=16)
+    video = _video(T=5, H=64, W=64, seed=3)
+    a, b = plain.encode(video), tiled.encode(video)
+    assert a.shape == b.shape == (1, 16, 2, 8, 8)
+    assert not torch.equal(a, b) and _rel(b, a) < 0.5  # blended tiles: close, not equal
+    assert tiled.decode(b).shape == video.shape
+    assert tiled.identity() != plain.identity()  # a cache made with tiling is not one made without
