@@ -238,7 +238,8 @@ def _infer(req: InferenceRequest, info) -> Path:
     else:
         emb, _ = load_embedding(req.prompt_embedding, width=context_dim)
         # the empty prompt by default: what text dropout trains for
-        neg = load_embedding(req.negative_embedding, width=context_dim)[0] if req.negative_embedding else torch.zeros_like(emb)
+        neg = (load_embedding(req.negative_embedding, width=context_dim)[0] if req.negative_embedding
+               else torch.zeros_like(emb))
     guided = req.guidance != 1.0
     # Upstream conditions on the zero-padded embedding without a key mask; released weights expect it.
     latent = sample(model, condition_latent=condition_latent, num_condition_frames=k,

@@ -90,7 +90,8 @@ class _Batches:
         if self._it is None:
             self._it = self.loader.batches()
         batch = next(self._it)
-        return _latent(batch, self.tokenizer, self.device), batch["t5_text_embeddings"].to(self.device, non_blocking=True)
+        emb = batch["t5_text_embeddings"].to(self.device, non_blocking=True)
+        return _latent(batch, self.tokenizer, self.device), emb
 
 
 def _latent(batch: dict, tokenizer, device: torch.device) -> torch.Tensor:

@@ -54,7 +54,8 @@ class T5TextEncoder:
         return self.model.config.d_model
 
     @classmethod
-    def load(cls, path: str | Path, *, tokenizer_path: str | Path | None = None, dtype: str = "auto") -> "T5TextEncoder":
+    def load(cls, path: str | Path, *, tokenizer_path: str | Path | None = None,
+             dtype: str = "auto") -> "T5TextEncoder":
         """Encoder weights from `path`; the tokenizer from `tokenizer_path`, `path`, or `tokenizer/` beside it."""
         T5EncoderModel, T5TokenizerFast = _transformers()
         local = resolve_local(path)

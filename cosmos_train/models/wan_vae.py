@@ -100,7 +100,8 @@ def diffusers_to_original_key(key: str, *, num_levels: int, num_res_blocks: int)
     if m:
         level, per_level = int(m.group(1)), num_res_blocks + 2
         if m.group(3) is not None:
-            return f"decoder.upsamples.{level * per_level + int(m.group(3))}.{_swap(m.group(4), _RESIDUAL, reverse=True)}"
+            inner = _swap(m.group(4), _RESIDUAL, reverse=True)
+            return f"decoder.upsamples.{level * per_level + int(m.group(3))}.{inner}"
         return f"decoder.upsamples.{level * per_level + num_res_blocks + 1}.{m.group(4)}"
     return f"{part}.{_swap(rest, _PART, reverse=True)}"
 
@@ -205,7 +206,8 @@ def _digest(vae) -> str:
     import hashlib
     import json
 
-    h = hashlib.blake2b(json.dumps({k: v for k, v in vae.config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode(), digest_size=8)
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}  # not diffusers' bookkeeping
+    h = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=8)
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
