@@ -6,22 +6,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 
-class IdentityStager:
-    """An AsyncStager that returns what it is given (we stage ourselves, before the hand-off)."""
-
-    _synchronize_after_execute = False
-    should_synchronize_after_execute = False
-
-    def stage(self, state_dict, **_):
-        return state_dict
-
-    def synchronize_staging(self):
-        pass
-
-    def close(self):
-        pass
-
-
 def describe_failure(e: BaseException) -> str:
     """One line per failing rank for DCP's CheckpointException (its str() holds whole tracebacks)."""
     if isinstance(e, CheckpointException):

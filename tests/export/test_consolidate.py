@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cosmos_train.checkpoint.consolidate import consolidate, default_output
+from cosmos_train.export.consolidate import consolidate, default_output
 from cosmos_train.errors import CheckpointError, CosmosTrainError
-from tests.checkpoint.consolidate_fixtures import ITER, bitwise_equal, build, make_runs, reference
+from tests.export.consolidate_fixtures import ITER, bitwise_equal, build, make_runs, reference
 
 
 @pytest.fixture(scope="module")
