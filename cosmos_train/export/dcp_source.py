@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import io
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator

@@ -38,8 +38,12 @@ class LoraScale:
     target_modules: tuple[str, ...]
 
 
-def find_lora_triples(keys: list[str]) -> dict[str, tuple[str, str, str]]:
-    """`{merged key: (base weight key, lora_A key, lora_B key)}` for every adapted module in `keys`."""
+def find_lora_triples(keys: list[str], *, need_base: bool = True) -> dict[str, tuple[str, str, str]]:
+    """`{merged key: (base weight key, lora_A key, lora_B key)}` for every adapted module in `keys`.
+
+    `need_base=False` accepts adapters without their base weight (an adapter-only checkpoint
+    exported as adapters); merging needs it.
+    """
     present = set(keys)
     triples = {}
     for k in keys:
@@ -48,7 +52,7 @@ def find_lora_triples(keys: list[str]) -> dict[str, tuple[str, str, str]]:
             continue
         mod = m["module"]
         base, b = base_weight_key(mod), k[:m.start("ab")] + "B" + k[m.end("ab"):]
-        missing = [x for x in (base, b) if x not in present]
+        missing = [x for x in ((base, b) if need_base else (b,)) if x not in present]
         if missing:
             raise CheckpointError(f"LoRA adapter {k!r} has no matching {missing[0]!r} in the checkpoint")
         triples[f"{mod}.weight"] = (base, k, b)
@@ -74,7 +78,7 @@ def resolve_scale(run_dir: Path | None, entries: dict[str, TensorEntry], keys: l
     flag = "--merge-lora" if merge else "--adapter-only"
     if any(".lora_magnitude_vector." in k or ".lora_embedding_" in k for k in keys):
         raise CheckpointError(f"{flag}: DoRA / embedding adapters are not supported")
-    triples = find_lora_triples(keys)
+    triples = find_lora_triples(keys, need_base=merge)
     if not triples:
         raise CheckpointError(
             f"{flag}: the checkpoint has no LoRA adapters (no '.lora_A.' keys): it was trained without LoRA "
