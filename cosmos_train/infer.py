@@ -18,12 +18,12 @@ import torch
 import torch.distributed as dist
 
 from cosmos_train.checkpoint.layout import find_run_dir
-from cosmos_train.export.described import read_described_spec
-from cosmos_train.export.load import Source, load_weights, resolve_load_path
-from cosmos_train.export.tensor_source import open_source
 from cosmos_train.data.embeddings import EmbeddingStore
 from cosmos_train.data.video import resize_video, write_mp4
 from cosmos_train.errors import CosmosTrainError
+from cosmos_train.export.described import read_described_spec
+from cosmos_train.export.load import Source, load_weights, resolve_load_path
+from cosmos_train.export.tensor_source import open_source
 from cosmos_train.models.dit import DiT
 from cosmos_train.models.lora import apply_lora, load_adapter
 from cosmos_train.models.lora_keys import is_lora_key

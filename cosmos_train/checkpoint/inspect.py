@@ -1,4 +1,5 @@
-"""Library side of `cosmos-train inspect`: iterations of a run, tensors of one iteration, deep verify."""
+"""Library side of `cosmos-train inspect`: iterations of a run, tensors of one iteration or of a consolidated
+file (any `TensorSource`), deep verify."""
 
 from __future__ import annotations
 
@@ -61,6 +62,14 @@ def tensor_rows(iter_dir: str | Path) -> list[TensorRow]:
                  for e in src.entries.values()]
         rows += [TensorRow(part, k, (), "object", 0) for k in src.non_tensor_keys]
     return sorted(rows, key=lambda r: (layout.PARTS.index(r.part), r.name))
+
+
+def file_tensor_rows(path: str | Path) -> list[TensorRow]:
+    """Every tensor of a consolidated `.pt` / `.safetensors` / sharded index, from its header (no data read)."""
+    from cosmos_train.export.tensor_source import open_source
+
+    return [TensorRow("file", e.name, e.shape, str(e.dtype).removeprefix("torch."), e.nbytes)
+            for e in open_source(path).entries.values()]
 
 
 def read_back(iter_dir: str | Path) -> list[str]:

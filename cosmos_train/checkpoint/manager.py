@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,7 +67,6 @@ class SaveStats:
     commit_s: float = 0.0
     bytes: int = 0
     done: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -97,7 +96,6 @@ class Checkpointer:
             lambda p: self._checksummed(FileSystemWriter(p, sync_files=True,
                                                          thread_count=writer_threads or ckpt.write_threads)))
         self.stats: list[SaveStats] = []
-        self._pending: SaveStats | None = None
         self._last_saved: int | None = None
         self._closed = False
         if rank() == 0:
@@ -128,7 +126,6 @@ class Checkpointer:
         tmp = layout.temp_iteration_dir(self.dir, step, self._token)
         staged = self._saver.stage(self._state_dicts())
         stats.staging_s = time.perf_counter() - t0
-        self._pending = stats
 
         def job() -> None:
             self._write_and_commit(staged, tmp, step, stats, pg=self._saver.pg)

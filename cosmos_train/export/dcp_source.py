@@ -23,8 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorEntry
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorEntry
 
 T = TypeVar("T")
 

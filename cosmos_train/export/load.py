@@ -18,6 +18,7 @@ loads the .pt" OOM). Resume, initialisation and infer all load through here.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +83,13 @@ def resolve_load_path(load_path: str | Path, *, cache_dir: str | Path | None = N
     """
     origin = str(load_path)
     if origin.startswith(HF_SCHEME):
-        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if multi and dist.get_rank() != 0:
+        multi, rank = _world()
+        if multi and rank != 0:
             dist.barrier()
         try:
             path = _hf_fetch(origin, cache_dir=cache_dir, offline=offline)
         finally:
-            if multi and dist.get_rank() == 0:
+            if multi and rank == 0:
                 dist.barrier()
     else:
         path = Path(load_path).expanduser()
@@ -148,9 +149,12 @@ def _read_dcp(part_dir: Path, msd: dict, esd: dict | None, plan: KeyPlan) -> Non
     request = {ck: msd[k] for k, ck in plan.reg.items()}
     if esd is not None and plan.ema is not None:
         request.update({ck: esd[k] for k, ck in plan.ema.items()})
+    no_dist = not (dist.is_available() and dist.is_initialized())
     try:
-        dcp.load(request, storage_reader=FileSystemReader(part_dir), no_dist=not (dist.is_available()
-                                                                                  and dist.is_initialized()))
+        with warnings.catch_warnings():
+            # no_dist is deliberate for one process; DCP warns that it assumes a single process.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(request, storage_reader=FileSystemReader(part_dir), no_dist=no_dist)
     except STORAGE_ERRORS as e:
         from cosmos_train.checkpoint.collectives import describe_failure
 

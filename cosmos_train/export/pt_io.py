@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorEntry, read_range
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorEntry, read_range
 
 # torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL).
 _PICKLE_PROTOCOL = 2

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.export.tensor_source import TensorEntry, read_range
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.tensor_source import TensorEntry, read_range
 
 _DTYPE_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

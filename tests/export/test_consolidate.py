@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cosmos_train.export.consolidate import consolidate, default_output
 from cosmos_train.errors import CheckpointError, CosmosTrainError
+from cosmos_train.export.consolidate import consolidate, default_output
 from tests.export.consolidate_fixtures import ITER, bitwise_equal, build, make_runs, reference
 
 

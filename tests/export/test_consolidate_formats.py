@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cosmos_train.errors import CheckpointError
 from cosmos_train.export.dcp_source import group_by_bytes
 from cosmos_train.export.pt_io import PtSource, PtWriter
 from cosmos_train.export.safetensors_io import SafetensorsWriter, parse_size, plan_shards
 from cosmos_train.export.tensor_source import TensorEntry, open_source
-from cosmos_train.errors import CheckpointError
 from tests.export.consolidate_fixtures import bitwise_equal
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
+from cosmos_train.errors import CosmosTrainError
 from cosmos_train.export.consolidate import consolidate
 from cosmos_train.export.convert import convert
-from cosmos_train.errors import CosmosTrainError
 from tests.export.consolidate_fixtures import bitwise_equal
 
 

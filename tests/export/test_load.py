@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from cosmos_train.checkpoint.manager import Checkpointer
-from cosmos_train.export.load import resolve_load_path
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.load import resolve_load_path
 from tests.checkpoint.toy import build, full_state, spec, train_steps
 
 
