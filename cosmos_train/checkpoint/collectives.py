@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
-
-
-def describe_failure(e: BaseException) -> str:
-    """One line per failing rank for DCP's CheckpointException (its str() holds whole tracebacks)."""
-    if isinstance(e, CheckpointException):
-        return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, (x, _) in sorted(e.failures.items()))
-    return f"{type(e).__name__}: {e}"
 
 
 def dist_on() -> bool:

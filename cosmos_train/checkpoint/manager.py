@@ -40,14 +40,14 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 
 from cosmos_train.checkpoint import layout
-from cosmos_train.checkpoint.collectives import agree, barrier, describe_failure, dist_on, rank, world
+from cosmos_train.checkpoint.collectives import agree, barrier, dist_on, rank, world
 from cosmos_train.checkpoint.integrity import (
     ChecksummingFileSystem, check_loadable, data_files, file_entry, write_manifest)
 from cosmos_train.checkpoint.save_modes import build_save_mode
 from cosmos_train.errors import CheckpointError
 from cosmos_train.export.keys import EMA, REG
 from cosmos_train.export.load import Source, load_weights, resolve_load_path
-from cosmos_train.export.tensor_source import STORAGE_ERRORS
+from cosmos_train.export.tensor_source import STORAGE_ERRORS, describe_failure
 from cosmos_train.models.lora_keys import is_lora_key
 
 log = logging.getLogger(__name__)

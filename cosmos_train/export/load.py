@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from cosmos_train.checkpoint import layout
 from cosmos_train.errors import CheckpointError
 from cosmos_train.export.keys import KeyPlan, format_key_problems, plan_keys
-from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorSource, open_source
+from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorSource, describe_failure, open_source
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,6 @@ def _read_dcp(part_dir: Path, msd: dict, esd: dict | None, plan: KeyPlan) -> Non
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(request, storage_reader=FileSystemReader(part_dir), no_dist=no_dist)
     except STORAGE_ERRORS as e:
-        from cosmos_train.checkpoint.collectives import describe_failure
-
         raise CheckpointError(f"{part_dir}: reading the model weights failed: {describe_failure(e)}") from e
 
 

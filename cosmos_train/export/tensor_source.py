@@ -64,6 +64,13 @@ class TensorSource(Protocol):
     def load(self, names: list[str]) -> dict[str, torch.Tensor]: ...
 
 
+def describe_failure(e: BaseException) -> str:
+    """One line per failing rank for DCP's CheckpointException (its str() holds whole tracebacks)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, (x, _) in sorted(e.failures.items()))
+    return f"{type(e).__name__}: {e}"
+
+
 def read_range(path: Path, offset: int, nbytes: int, *, what: str) -> torch.Tensor:
     """`nbytes` bytes of `path` from `offset` as a new uint8 tensor; a short read is a CheckpointError."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
