@@ -333,7 +333,8 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         _replace(moves)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = ConsolidateReport(it_dir, [m[1] for m in moves if not m[1].name.endswith(SIDECAR_SUFFIX)], len(items), total, time.perf_counter() - t0,
+    outputs = [final for _, final in moves if not final.name.endswith(SIDECAR_SUFFIX)]
+    report = ConsolidateReport(it_dir, outputs, len(items), total, time.perf_counter() - t0,
                                peak_rss_bytes(), verified=verify, dropped_keys=dropped)
     log.info("consolidated %s", report.summary())
     return report

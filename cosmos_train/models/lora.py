@@ -9,8 +9,9 @@ the adapters are fp32 and trainable. State-dict names become
 Adapter dirs are `adapter_config.json` + `adapter_model.safetensors` with the keys
 `PeftModel.save_pretrained` writes (`base_model.model.<module>.lora_A.weight`), so
 `peft.PeftModel.from_pretrained(dit, dir)` loads them; `export.lora_export` writes them
-from a checkpoint. Which keys are LoRA keys is `models.lora_keys`' one rule. `merge_lora_state_dict` folds
-W + (alpha / rank) * B @ A into plain weights, so a merged model runs without PEFT.
+from a checkpoint. `merge_lora_state_dict` folds W + (alpha / rank) * B @ A into plain
+weights, so a merged model runs without PEFT. Which keys are LoRA keys is one rule,
+`models.lora_keys`.
 """
 
 from __future__ import annotations
