@@ -17,7 +17,7 @@ def resolve_local(path: str | Path, *, cache_dir: str | Path | None = None, offl
     """A local file or directory for `path`; `hf://org/repo[@rev]/inner` is downloaded first."""
     text = str(path)
     if text.startswith(HF_SCHEME):
-        from cosmos_train.checkpoint.sources import _hf_fetch
+        from cosmos_train.export.load import _hf_fetch
 
         return _hf_fetch(text, cache_dir=cache_dir, offline=offline)
     local = Path(text).expanduser()
