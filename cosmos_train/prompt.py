@@ -20,8 +20,7 @@ def encode_prompt(prompt: str, negative_prompt: str | None, text_encoder_spec, *
     from cosmos_train.models.text_encoder import T5TextEncoder
 
     if not prompt.strip():
-        raise CosmosTrainError("--prompt: empty prompt (use --negative-prompt or leave the prompt out of "
-                               "guidance with --guidance 1)")
+        raise CosmosTrainError("--prompt: the prompt is empty")
     encoder = T5TextEncoder.load(path or text_encoder_spec.path, dtype=text_encoder_spec.dtype)
     if encoder.dim != width:
         raise CosmosTrainError(f"{encoder.source}: text encoder width {encoder.dim} does not match the model's "
