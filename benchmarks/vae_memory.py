@@ -1,6 +1,6 @@
 """Peak host memory of Wan2.1 VAE encoding vs clip length: ours (chunked, uint8 in) vs diffusers' encode.
 
-    python benchmarks/vae_memory.py [--frames 17 33 65] [--size 256] [--base-dim 32]
+    python benchmarks/vae_memory.py [--frames 17 33 65] [--size 128] [--base-dim 16]
 
 Each measurement runs in a fresh process (`ru_maxrss` cannot be reset) on a random-weight VAE of
 Wan2.1's structure (4 levels, 2 residual blocks, 16 latent channels) with a smaller base width.
@@ -62,8 +62,8 @@ def _slope(xs, ys) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, nargs="+", default=[17, 33, 65])
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--base-dim", type=int, default=32)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--base-dim", type=int, default=16)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
