@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -26,12 +27,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cosmos_train.errors import CosmosTrainError
-from cosmos_train.spec import LoraSpec
 
 ADAPTER_NAME = "default"
 PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """What an adapter is: rank, alpha, target module suffixes, PEFT init.
+
+    The functions here take any object with these four attributes (the spec's `model.lora`
+    has them), so model code never imports the spec.
+    """
+
+    rank: int
+    alpha: int
+    target_modules: tuple[str, ...]
+    init_lora_weights: bool | Literal["gaussian"] = True
+
+
 _LORA_PARAM = re.compile(r"^(?P<module>.*)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
@@ -40,8 +56,8 @@ def is_lora_param(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def lora_config(lora: LoraSpec) -> LoraConfig:
-    """The PEFT config of a `LoraSpec` (no dropout, no bias, plain alpha / r scaling)."""
+def lora_config(lora: LoraParams) -> LoraConfig:
+    """The PEFT config of a `LoraParams` (no dropout, no bias, plain alpha / r scaling)."""
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
                       init_lora_weights=lora.init_lora_weights, lora_dropout=0.0, bias="none")
 
@@ -65,7 +81,7 @@ def _inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     return model
 
 
-def apply_lora(model: nn.Module, lora: LoraSpec, *, seed: int | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraParams, *, seed: int | None = None) -> nn.Module:
     """Inject LoRA adapters (in place) and freeze everything else; returns the model.
 
     With `seed` on a materialised model the adapters are re-initialised through
@@ -110,7 +126,7 @@ def peft_adapter_state_dict(model_state_dict: Mapping[str, torch.Tensor], *,
     return out
 
 
-def save_adapter(adapter_state_dict: Mapping[str, torch.Tensor], out_dir: str | Path, lora: LoraSpec) -> Path:
+def save_adapter(adapter_state_dict: Mapping[str, torch.Tensor], out_dir: str | Path, lora: LoraParams) -> Path:
     """Write PEFT-format files from `peft_adapter_state_dict` output; returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +136,7 @@ def save_adapter(adapter_state_dict: Mapping[str, torch.Tensor], out_dir: str | 
     return out_dir
 
 
-def export_adapter(model: nn.Module, out_dir: str | Path, lora: LoraSpec) -> Path | None:
+def export_adapter(model: nn.Module, out_dir: str | Path, lora: LoraParams) -> Path | None:
     """Export the model's adapters in PEFT's format. Under FSDP2 every rank must call it
     (shards are gathered); only rank 0 writes. Returns out_dir where written."""
     sd = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
@@ -130,8 +146,8 @@ def export_adapter(model: nn.Module, out_dir: str | Path, lora: LoraSpec) -> Pat
     return save_adapter(sd, out_dir, lora)
 
 
-def read_adapter_config(adapter_dir: str | Path) -> LoraSpec:
-    """rank / alpha / targets / init of a PEFT adapter dir as a `LoraSpec`."""
+def read_adapter_config(adapter_dir: str | Path) -> LoraParams:
+    """rank / alpha / targets / init of a PEFT adapter dir as a `LoraParams`."""
     path = Path(adapter_dir) / CONFIG_FILE
     try:
         raw = json.loads(path.read_text())
@@ -142,7 +158,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraSpec:
     targets = raw.get("target_modules")
     if isinstance(targets, str):  # PEFT also allows a regex string; a plain comma list is what we write
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraSpec(rank=raw["r"], alpha=raw["lora_alpha"], target_modules=sorted(targets),
+    return LoraParams(rank=raw["r"], alpha=raw["lora_alpha"], target_modules=tuple(sorted(targets)),
                     init_lora_weights=raw.get("init_lora_weights", True))
 
 

@@ -6,7 +6,7 @@ import torch
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.models.dit import DiT
 from cosmos_train.models.lora import apply_lora
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.models.weights import check_keys, group_keys, load_weights
 from cosmos_train.spec import LoraSpec
 

@@ -303,7 +303,8 @@ def _dit_body(rank, world, reference):
     for mode in ("ring", "a2a"):
         torch.manual_seed(0)
         model = _StandInDiT().double()
-        apply_context_parallel(model, dist.group.WORLD, mode=mode, kernel="math")
+        apply_context_parallel(model, dist.group.WORLD, attention=[b.self_attn for b in model.blocks],
+                               mode=mode, kernel="math")
         assert model.state_dict().keys() == _StandInDiT().state_dict().keys()
         assert isinstance(model.blocks[1].cross_attn.attn_op, SDPAAttention)  # cross-attn untouched
         out, grads = _loss_and_grads(model, torch.float64)
@@ -333,7 +334,7 @@ def test_dit_shaped_stack_cp2_equals_cp1():
 def _tiny_dit_run(mode, group):
     """Loss-gradients of the tiny DiT (fp64, perturbed init so no path is zero) with cp `mode`."""
     from cosmos_train.models.dit import DiT
-    from cosmos_train.models.presets import PRESETS
+    from cosmos_train.presets import PRESETS
 
     model = DiT(PRESETS["tiny"]).double()
     g = torch.Generator().manual_seed(11)
