@@ -11,11 +11,12 @@ memory allocated, each rank holding its shards. Takes plain values, not the spec
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from cosmos_train.models.dit import DiT, init_generator
-from cosmos_train.models.lora import LoraParams, apply_lora, format_lora_summary, lora_summary
 from cosmos_train.presets import DiTConfig
 from cosmos_train.runtime.attention import build_attention
 from cosmos_train.runtime.context_parallel import apply_context_parallel
@@ -23,12 +24,17 @@ from cosmos_train.runtime.distributed import log
 from cosmos_train.runtime.fsdp import apply_activation_checkpointing, apply_fsdp, materialize
 from cosmos_train.runtime.mesh import ParallelDims
 
+if TYPE_CHECKING:
+    from cosmos_train.models.lora import LoraParams
+
 
 def build_dit(config: DiTConfig, *, attention: str, device_type: str, lora: LoraParams | None = None) -> DiT:
     """The DiT on the meta device with the `attention` backend, LoRA adapters injected when given."""
     with torch.device("meta"):
         model = DiT(config, attention=lambda: build_attention(attention, device_type=device_type))
     if lora is not None:
+        from cosmos_train.models.lora import apply_lora, format_lora_summary, lora_summary  # PEFT: only for LoRA
+
         apply_lora(model, lora)
         log(format_lora_summary(*lora_summary(model)))
     return model
