@@ -195,7 +195,8 @@ class Trainer:
         n = len(w.pending_losses)
         flag = torch.tensor([1.0 if self.preemption.requested else 0.0], dtype=torch.float64, device=self.device)
         local = torch.cat([torch.stack(w.pending_losses).double(), torch.stack(w.pending_skipped), flag])
-        values = torch.cat([_sum_over_ranks(local), self.grad_norm.detach().double().reshape(1)]).tolist()
+        norm = self.grad_norm.detach().to(self.device, torch.float64).reshape(1)
+        values = torch.cat([_sum_over_ranks(local), norm]).tolist()
         first = self.step_count - n + 1
         for i in range(n):
             result.losses[first + i] = values[i] / world
@@ -279,6 +280,8 @@ class Trainer:
             if self._is_sync_step():
                 stop = self._sync(result)
                 tlog.step(done, f"loss {result.losses[done]:.4f}")
+            else:
+                tlog.step(done)
                 if done % tr.logging_iter == 0 or done == tr.max_iter or stop:
                     self._log(tlog, lr)
             if self.val_loader is not None and done % tr.validation_iter == 0:

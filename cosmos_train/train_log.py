@@ -51,9 +51,11 @@ class TrainLog:
             self._task = self._progress.add_task("train", total=self.max_iter, completed=start_step, status="")
             self._progress.start()
 
-    def step(self, step: int, status: str = "") -> None:
+    def step(self, step: int, status: str | None = None) -> None:
+        """Advance the progress bar; `status` (e.g. the loss) replaces the shown text when given."""
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, status=status)
+            fields = {} if status is None else {"status": status}
+            self._progress.update(self._task, completed=step, **fields)
 
     def write(self, step: int, metrics: dict[str, Any], *, kind: str = "train") -> None:
         """Append one record (JSONL + W&B) and print a line."""

@@ -324,8 +324,8 @@ def test_dit_shaped_stack_cp2_equals_cp1():
         for mode, (out_err, grad_err) in res.items():
             assert out_err <= 1e-10 and grad_err <= 1e-10, (mode, out_err, grad_err)
         # one log line per job (rank 0), not one per rank
-        assert records == (["applied ring context parallelism to 2 blocks, cp=2",
-                            "applied a2a context parallelism to 2 blocks, cp=2"] if rank == 0 else [])
+        assert records == (["applied ring context parallelism to 2 attention modules, cp=2",
+                            "applied a2a context parallelism to 2 attention modules, cp=2"] if rank == 0 else [])
 
 
 # ------------------------------------------------------------------------------- the real DiT

@@ -220,6 +220,16 @@ def test_sharded_training_matches_single_process(two_ranks, name):
     _assert_matches([per_rank["scenarios"][i] for per_rank in two_ranks], accum, max_norm)
 
 
+def _hsdp_four_ranks(rank, world_size):
+    return _train_one(world_size, {"dp_replicate": 2, "dp_shard": 2}, 1, 0.05, False)
+
+
+def test_hsdp_2x2_clipped_training_matches_single_process():
+    # torch's get_total_norm on DTensor grads sharded over dp_shard and replicated over dp_replicate:
+    # summed over the shards, not counted twice over the replicas (the 2-rank HSDP case has shard 1).
+    _assert_matches(run_ranks(_hsdp_four_ranks, 4, timeout=180), 1, 0.05)
+
+
 def test_tiny_dit_sharded_equals_unsharded(two_ranks):
     from cosmos_train.models.dit import DiT
     from cosmos_train.presets import PRESETS
