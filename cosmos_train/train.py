@@ -280,10 +280,10 @@ class Trainer:
             if self._is_sync_step():
                 stop = self._sync(result)
                 tlog.step(done, f"loss {result.losses[done]:.4f}")
-            else:
-                tlog.step(done)
                 if done % tr.logging_iter == 0 or done == tr.max_iter or stop:
                     self._log(tlog, lr)
+            else:
+                tlog.step(done)
             if self.val_loader is not None and done % tr.validation_iter == 0:
                 val = result.val_losses[done] = self.validation_loss()
                 tlog.write(done, {"loss": val, "sigmas": len(tr.validation_sigmas)}, kind="val")

@@ -19,7 +19,7 @@ from cosmos_train.runtime.attention import SDPAAttention
 from cosmos_train.runtime.context_parallel import (
     CPSequenceSharding, UlyssesAttention, apply_context_parallel, build_cp_attention)
 from cosmos_train.runtime.ring_attention import (
-    FlashKernel, MathKernel, RingAttention, build_block_kernel, math_attention_block, merge_partials)
+    RingAttention, build_block_kernel, math_attention_block, merge_partials)
 from tests.dist import run_ranks
 
 # ------------------------------------------------------------------------------ single process
