@@ -136,7 +136,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     device, no host sync), not over the replicated HSDP dim. `clip_grads_with_norm_` then scales
     by min(1, max_norm / (norm + 1e-6)) on the device. `max_norm <= 0` only measures. A
     non-finite norm makes the gradients non-finite; the caller skips that step
-    (`skip_if_nonfinite`).
+    (`optim.step_unless_nonfinite`).
     """
     params = [p for p in params if p.grad is not None]
     if not params:
