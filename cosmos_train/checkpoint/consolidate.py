@@ -37,6 +37,7 @@ from cosmos_train.checkpoint.dcp_reader import DcpTensorReader, group_by_bytes
 from cosmos_train.checkpoint.layout import find_run_dir, resolve_iteration_dir
 from cosmos_train.checkpoint.tensor_files import TensorEntry, open_tensor_file
 from cosmos_train.errors import CheckpointError, CosmosTrainError
+from cosmos_train.export import copy_export
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
                 prefix: str = REGULAR, merge_lora: bool = False, adapter_only: bool = False,
                 lora_rank: int | None = None, lora_alpha: int | None = None,
                 max_shard_size: int | str | None = None, verify: bool = False,
-                progress: bool = True) -> ConsolidateReport:
+                verify_source: bool = False, copy_mode: str = "auto", progress: bool = True) -> ConsolidateReport:
     """Stream the model part of a DCP checkpoint into one consolidated file (or a PEFT adapter dir).
 
     `src` is an iteration dir, a `checkpoints/` dir, a run dir (latest, or
@@ -293,6 +294,11 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
     or is a directory with `adapter_only`; None picks `default_output(...)`.
     LoRA rank/alpha for `merge_lora`/`adapter_only` come from the run's
     `spec.toml` (`model.lora`) unless given.
+
+    Without LoRA merging the tensors are copied file to file (`copy_export`);
+    `verify_source` then reads every byte in user space and checks it against
+    the CRC32 DCP stored with each chunk, in the same pass; `copy_mode` is
+    `range_copy`'s ("auto", "kernel", "buffered").
     """
     t0 = time.perf_counter()
     if both and ema:
@@ -328,16 +334,22 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        if adapter_only:
-            write, close, moves = lora_export.open_adapter_writer(tmp, out, [it.out for it in items], scale)
-        else:
-            write, close, moves = _open_writers(tmp, out, [it.out for it in items], max_shard_size)
         p, task = byte_progress(progress, total, f"consolidate {it_dir.name}")
-        with p:
-            for it, t in _iter_outputs(reader, items, merge):
-                write(it.out.key, t)
-                p.advance(task, it.out.nbytes)
-        close()
+        if not adapter_only and merge is None:  # a copy, maybe with a cast: straight from file to file
+            with p:
+                moves = copy_export.export(reader, [copy_export.CopyItem(it.out, it.sources[0]) for it in items],
+                                           tmp, out, max_shard_size=max_shard_size, verify_source=verify_source,
+                                           mode=copy_mode, progress=lambda n: p.advance(task, n))
+        else:
+            if adapter_only:
+                write, close, moves = lora_export.open_adapter_writer(tmp, out, [it.out for it in items], scale)
+            else:
+                write, close, moves = _open_writers(tmp, out, [it.out for it in items], max_shard_size)
+            with p:
+                for it, t in _iter_outputs(reader, items, merge):
+                    write(it.out.key, t)
+                    p.advance(task, it.out.nbytes)
+            close()
         if verify:
             # The index (sharded) or the single weights file is the last thing moved into place.
             written = moves[-1][0] / lora_export.ADAPTER_WEIGHTS if adapter_only else moves[-1][0]
