@@ -115,10 +115,12 @@ def _layout_pt(f: _OutFile) -> None:
             fh.seek(info.header_offset + 26)
             n, m = struct.unpack("<HH", fh.read(4))
             start = info.header_offset + 30 + n + m
+            f.offsets[e.key] = start
+            if e.nbytes == 0:
+                continue  # an empty record has CRC32 0 and no data descriptor: nothing to patch
             fh.seek(start + e.nbytes)
             if struct.unpack("<I", fh.read(4))[0] != _DESCRIPTOR_SIG or f"data/{i}" not in cd_pos:
                 raise RuntimeError(f"{f.tmp}: unexpected zip layout from torch's writer (record data/{i})")
-            f.offsets[e.key] = start
             f.crc_slots[e.key] = (start + e.nbytes + 4, cd_pos[f"data/{i}"])
 
 
@@ -202,6 +204,8 @@ def export(reader: DcpTensorReader, items: list[CopyItem], tmp: Path, out: Path,
             record_crcs = _record_crcs(f, owners, ranges, cs.out_crcs) if f.is_pt else {}
             record_crcs |= _write_loaded(reader, f, fd, slow, src_of, progress, stats)
             for key, crc in record_crcs.items():
+                if key not in f.crc_slots:
+                    continue  # empty
                 desc, cd = f.crc_slots[key]
                 os.pwrite(fd, struct.pack("<I", crc), desc)
                 os.pwrite(fd, struct.pack("<I", crc), cd)

@@ -178,9 +178,9 @@ def _kernel_copy(src_fd: int, dst_fd: int, p: _Piece) -> None:
                 raise _Unsupported(os.strerror(e.errno)) from None
             raise
         if n == 0:
-            if done == 0:
-                raise _Unsupported("copy_file_range copied nothing")
-            raise EOFError(f"source ended {p.length - done} bytes early")
+            if os.fstat(src_fd).st_size < p.src_offset + p.length:
+                raise EOFError(f"source ended {p.length - done} bytes early (at offset {p.src_offset + done})")
+            raise _Unsupported("copy_file_range copied nothing")  # some file systems return 0 instead of failing
         done += n
 
 
