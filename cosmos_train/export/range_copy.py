@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODES = ("auto", "kernel", "buffered")
-PIECE_BYTES = 16 << 20
+PIECE_BYTES = 8 << 20
 # copy_file_range failures that mean "not here" (cross-device on old kernels, FUSE, some
 # network file systems), not a broken file: fall back to the buffered copy.
 _UNSUPPORTED = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF, errno.ETXTBSY,
