@@ -74,6 +74,9 @@ class CopyExportStats:
     buffered_bytes: int = 0
     loaded_bytes: int = 0
     fallback_reason: str | None = None
+    # With verify_source: per shard file (relative to the DCP dir), the `[start, end, crc32]` runs
+    # read, so a whole-file check against MANIFEST.json only has to read the bytes in between.
+    segments: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------------------- layouts
@@ -198,6 +201,7 @@ def export(reader: DcpTensorReader, items: list[CopyItem], tmp: Path, out: Path,
             stats.fallback_reason = stats.fallback_reason or cs.fallback_reason
             if verify_source:
                 for (key, c), crc in zip(owners, cs.crcs, strict=True):
+                    stats.segments.setdefault(c.file, []).append([c.offset, c.offset + c.length, crc])
                     if c.crc32 is not None and crc != c.crc32:
                         raise CheckpointError(f"{reader.path / c.file}: the bytes of {src_of[key]!r} at "
                                               f"offset {c.offset} fail their CRC32 check (corrupt shard file)")

@@ -219,7 +219,7 @@ def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, buf: bytearray,
 
 def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Range], *, mode: str = "auto",
                 checksum: bool = False, threads: int = 2, piece_bytes: int = PIECE_BYTES,
-                drop_source_cache: bool = False, progress: Callable[[int], None] | None = None) -> CopyStats:
+                progress: Callable[[int], None] | None = None) -> CopyStats:
     """Copy every range of `ranges` from `sources[r.src]` into the open file `dst_fd`.
 
     The destination is written at explicit offsets only (its file position is
@@ -227,8 +227,6 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
     `checksum=True` returns each range's CRC32 in `stats.crcs` (source bytes) and
     `stats.out_crcs` (written bytes), computed as the bytes pass (buffered).
     `progress(n)` is called (from the copy threads) with the bytes written by each piece.
-    `drop_source_cache` advises the kernel to drop source pages once copied, so a
-    large export does not fill the page cache with data read once.
     Raises OSError/EOFError naming the source file on a read failure.
     """
     if mode not in MODES:
@@ -271,9 +269,6 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                     progress(_out_len(p))
             except (OSError, EOFError) as e:
                 raise type(e)(f"{sources[p.src]}: {e}") from e
-            finally:
-                if drop_source_cache and p.length and hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fds[p.src], p.src_offset, p.length, os.POSIX_FADV_DONTNEED)
 
         if threads <= 1:
             for p in pieces:

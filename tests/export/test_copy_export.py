@@ -113,3 +113,21 @@ def test_stats_say_how_bytes_went(tmp_path):
     copy_export.export(r, items, tmp_path / "t", tmp_path / "o.safetensors", mode="kernel", stats=stats)
     assert stats.loaded_bytes == sd["net.t"].nbytes  # the strided one, via dcp.load
     assert stats.kernel_bytes == sum(v.nbytes for k, v in sd.items() if k != "net.t")
+
+
+def test_verify_source_records_the_crcs_of_what_it_read(tmp_path):
+    import zlib
+
+    sd = _tensors()
+    ck = _save(tmp_path / "ck", sd)
+    r = DcpTensorReader(ck)
+    (tmp_path / "t").mkdir()
+    stats = copy_export.CopyExportStats()
+    copy_export.export(r, [copy_export.CopyItem(e, k) for k, e in r.entries.items()], tmp_path / "t",
+                       tmp_path / "o.pt", verify_source=True, stats=stats)
+    runs = [run for rel, rs in stats.segments.items() for run in rs]
+    assert len(runs) == 4  # every plain chunk; the strided tensor went through dcp.load
+    for rel, rs in stats.segments.items():
+        raw = (ck / rel).read_bytes()
+        for start, end, crc in rs:
+            assert zlib.crc32(raw[start:end]) == crc
