@@ -225,7 +225,8 @@ def _median(xs: list[float]) -> float:
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
-def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline_rss: float) -> dict:
+def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline_rss: float,
+               only: list[str] | None = None) -> dict:
     n_blocks = blocks_for(size)
     shapes = dit_like_shapes(n_blocks)
     ckpt = work / f"ckpt_{size:g}gb"
@@ -246,22 +247,18 @@ def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline
         "ours_pt_crc": lambda: run_fresh("ours_crc", ckpt, work / "out.pt"),
         "ours_bf16_st": lambda: run_fresh("ours_bf16", ckpt, work / "out_bf16.safetensors"),
     }
-    names = list(sides)
+    names = [k for k in sides if only is None or k in only]
     runs: dict[str, list[dict]] = {k: [] for k in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
             runs[k].append(sides[k]())
-    ratios: dict[str, list[float]] = {"pt_over_cp": [], "st_over_cp": [], "pt_crc_over_cp": [],
-                                      "bf16_over_read_plus_write": [], "read_over_cp": []}
-    for i in range(repeats):
-        cp = runs["cp"][i]["seconds"]
-        ratios["pt_over_cp"].append(runs["ours_pt"][i]["seconds"] / cp)
-        ratios["st_over_cp"].append(runs["ours_st"][i]["seconds"] / cp)
-        ratios["pt_crc_over_cp"].append(runs["ours_pt_crc"][i]["seconds"] / cp)
-        ratios["read_over_cp"].append(runs["read"][i]["seconds"] / cp)
-        rw = runs["read"][i]["seconds"] + runs["write_half"][i]["seconds"]
-        ratios["bf16_over_read_plus_write"].append(runs["ours_bf16_st"][i]["seconds"] / rw)
+    pairs = {"pt_over_cp": (["ours_pt"], ["cp"]), "st_over_cp": (["ours_st"], ["cp"]),
+             "pt_crc_over_cp": (["ours_pt_crc"], ["cp"]), "read_over_cp": (["read"], ["cp"]),
+             "bf16_over_read_plus_write": (["ours_bf16_st"], ["read", "write_half"])}
+    ratios = {name: [sum(runs[k][i]["seconds"] for k in num) / sum(runs[k][i]["seconds"] for k in den)
+                     for i in range(repeats)]
+              for name, (num, den) in pairs.items() if all(k in runs for k in num + den)}
     out = {
         "size_gb": round(model_bytes / 1e9, 3), "shard_bytes_gb": round(shard_bytes / 1e9, 3), "tensors": len(shapes),
         "blocks": n_blocks, "largest_tensor_mib": round(largest / 2**20, 1), "checkpoint_save_s": round(save_s, 1),
@@ -277,7 +274,8 @@ def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline
     if with_torch:
         t = run_fresh("torch", ckpt, work / "torch.pt")
         out["torch_dcp_to_torch_save"] = {"seconds": round(t["seconds"], 3), "peak_rss_gib": round(t["peak_rss_gib"], 3)}
-        out["ours_pt_over_torch"] = round(out["median_seconds"]["ours_pt"] / t["seconds"], 3)
+        if "ours_pt" in out["median_seconds"]:
+            out["ours_pt_over_torch"] = round(out["median_seconds"]["ours_pt"] / t["seconds"], 3)
     _remove(ckpt)
     return out
 
@@ -288,6 +286,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     ap.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
     ap.add_argument("--no-torch", action="store_true", help="skip torch's dcp_to_torch_save")
+    ap.add_argument("--only", default=None, help="comma-separated sides to run (default: all), e.g. cp,ours_pt")
     ap.add_argument("--worker", nargs=3, metavar=("TOOL", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -304,7 +303,8 @@ def main() -> None:
     try:
         baseline = run_fresh("baseline", work, work / "none")
         for size in sizes:
-            results.append(bench_size(work, size, args.repeats, not args.no_torch, baseline["peak_rss_gib"]))
+            results.append(bench_size(work, size, args.repeats, not args.no_torch, baseline["peak_rss_gib"],
+                                      args.only.split(",") if args.only else None))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({

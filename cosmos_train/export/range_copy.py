@@ -199,10 +199,13 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, buf: bytearray,
-                   want_crc: bool) -> tuple[int | None, int | None]:
-    """Read, checksum, (convert,) write one piece: `(crc32 of the source bytes, crc32 of the written bytes)`."""
-    view = memoryview(buf)[:p.length]
+def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, bufs, want_crc: bool) -> tuple[int | None, int | None]:
+    """Read, checksum, (convert,) write one piece: `(crc32 of the source bytes, crc32 of the written bytes)`.
+
+    `bufs` is this thread's `_Buffers`: the piece is read into, and converted into, buffers that
+    live as long as the thread, so a long export allocates nothing per piece (no heap creep).
+    """
+    view = bufs.get("src", p.length)
     _read_exact(src_fd, view, p.src_offset)
     crc = zlib.crc32(view) if want_crc else None
     if p.convert is None:
@@ -211,10 +214,25 @@ def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, buf: bytearray,
     import torch
 
     src_dtype, dst_dtype = p.convert
-    t = torch.frombuffer(view, dtype=src_dtype) if p.length else torch.empty(0, dtype=src_dtype)
-    out = memoryview(t.to(dst_dtype).view(torch.uint8).numpy()).cast("B")
+    n = p.length // src_dtype.itemsize
+    out = bufs.get("dst", n * dst_dtype.itemsize)
+    if n:
+        torch.frombuffer(out, dtype=dst_dtype).copy_(torch.frombuffer(view, dtype=src_dtype))
     _write_all(dst_fd, out, p.dst_offset)
     return crc, zlib.crc32(out)  # always: a converted range has no stored CRC to fall back on
+
+
+class _Buffers:
+    """Per-thread reusable byte buffers, grown on demand, handed out as exact-length views."""
+
+    def __init__(self, min_bytes: int):
+        self._min, self._bufs = min_bytes, {}
+
+    def get(self, name: str, n: int) -> memoryview:
+        buf = self._bufs.get(name)
+        if buf is None or len(buf) < n:
+            buf = self._bufs[name] = bytearray(max(n, self._min))
+        return memoryview(buf)[:n]
 
 
 def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Range], *, mode: str = "auto",
@@ -260,10 +278,10 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                             raise OSError(errno.EOPNOTSUPP, f"copy_file_range unavailable: {e}") from None
                         use_kernel[0] = False  # the rest goes buffered too
                         stats.fallback_reason = str(e)
-                buf = getattr(local, "buf", None)
-                if buf is None or len(buf) < p.length:
-                    buf = local.buf = bytearray(max(p.length, min(piece_bytes, 1 << 20)))
-                part_crcs[(p.index, p.part)] = _buffered_copy(fds[p.src], dst_fd, p, buf, checksum)
+                bufs = getattr(local, "bufs", None)
+                if bufs is None:
+                    bufs = local.bufs = _Buffers(min(piece_bytes, 1 << 20))
+                part_crcs[(p.index, p.part)] = _buffered_copy(fds[p.src], dst_fd, p, bufs, checksum)
                 stats._add(p.length, _out_len(p), kernel=False)
                 if progress is not None:
                     progress(_out_len(p))
