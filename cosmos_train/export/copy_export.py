@@ -24,6 +24,7 @@ corrupt shard fails with the file and tensor named, without a second read.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zipfile
@@ -194,8 +195,12 @@ def export(reader: DcpTensorReader, items: list[CopyItem], tmp: Path, out: Path,
             try:
                 cs = copy_ranges([reader.path / s for s in sources], fd, ranges, mode=mode, checksum=need_crc,
                                  threads=threads, progress=progress)
-            except (OSError, EOFError) as e:
-                raise CheckpointError(f"failed to copy tensor data: {e} (corrupt or unreadable shard file?)") from e
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise _disk_full(f, out) from None
+                raise CheckpointError(f"failed to copy tensor data: {e} (unreadable shard file?)") from e
+            except EOFError as e:
+                raise CheckpointError(f"failed to copy tensor data: {e} (truncated shard file?)") from e
             stats.kernel_bytes += cs.kernel_bytes
             stats.buffered_bytes += cs.buffered_bytes
             stats.fallback_reason = stats.fallback_reason or cs.fallback_reason
@@ -213,10 +218,21 @@ def export(reader: DcpTensorReader, items: list[CopyItem], tmp: Path, out: Path,
                 desc, cd = f.crc_slots[key]
                 os.pwrite(fd, struct.pack("<I", crc), desc)
                 os.pwrite(fd, struct.pack("<I", crc), cd)
-            os.fsync(fd)  # once per file, after all its bytes
+            try:
+                os.fsync(fd)  # once per file, after all its bytes
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise _disk_full(f, out) from None
+                raise
         finally:
             os.close(fd)
     return moves
+
+
+def _disk_full(f: _OutFile, out: Path) -> CosmosTrainError:
+    need = f.tmp.stat().st_size if f.tmp.exists() else 0
+    return CosmosTrainError(f"{out}: no space left on the device while writing {f.final.name} "
+                            f"({need / 1e9:.2f} GB); free some space or choose another output path")
 
 
 def _record_crcs(f: _OutFile, owners, ranges: list[Range], out_crcs) -> dict[str, int]:

@@ -285,8 +285,10 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                 stats._add(p.length, _out_len(p), kernel=False)
                 if progress is not None:
                     progress(_out_len(p))
-            except (OSError, EOFError) as e:
-                raise type(e)(f"{sources[p.src]}: {e}") from e
+            except EOFError as e:
+                raise EOFError(f"{sources[p.src]}: {e}") from e
+            except OSError as e:  # keep errno: the caller tells a full disk from a bad source
+                raise OSError(e.errno, f"{sources[p.src]} -> output: {e.strerror or e}") from e
 
         if threads <= 1:
             for p in pieces:

@@ -131,3 +131,21 @@ def test_verify_source_records_the_crcs_of_what_it_read(tmp_path):
         raw = (ck / rel).read_bytes()
         for start, end, crc in rs:
             assert zlib.crc32(raw[start:end]) == crc
+
+
+def test_disk_full_is_a_clean_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from cosmos_train.errors import CosmosTrainError
+    from cosmos_train.export import range_copy
+
+    ck = _save(tmp_path / "ck", _tensors())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(range_copy.os, "copy_file_range", full)
+    monkeypatch.setattr(range_copy.os, "pwrite", full)
+    with pytest.raises(CosmosTrainError, match=r"x\.pt: no space left on the device"):
+        consolidate(ck, tmp_path / "out" / "x.pt", progress=False)
+    assert not list((tmp_path / "out").iterdir())

@@ -103,3 +103,15 @@ def test_short_source_names_the_file(tmp_path, mode):
         _run(tmp_path, srcs, [Range(1, len(data[1]) - 10, 100, 0)], mode=mode)
     with pytest.raises(EOFError, match=r"b\.bin.*ended"):  # starting past the end, too
         _run(tmp_path, srcs, [Range(1, len(data[1]) + 10, 100, 0)], mode=mode)
+
+
+def test_write_errors_keep_their_errno(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(range_copy.os, "pwrite", full)
+    srcs, data = _sources(tmp_path)
+    ranges, _ = _plan(data)
+    with pytest.raises(OSError, match="No space left") as e:
+        _run(tmp_path, srcs, ranges, mode="buffered")
+    assert e.value.errno == errno.ENOSPC
