@@ -273,7 +273,8 @@ def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline
     }
     if with_torch:
         t = run_fresh("torch", ckpt, work / "torch.pt")
-        out["torch_dcp_to_torch_save"] = {"seconds": round(t["seconds"], 3), "peak_rss_gib": round(t["peak_rss_gib"], 3)}
+        out["torch_dcp_to_torch_save"] = {"seconds": round(t["seconds"], 3),
+                                          "peak_rss_gib": round(t["peak_rss_gib"], 3)}
         if "ours_pt" in out["median_seconds"]:
             out["ours_pt_over_torch"] = round(out["median_seconds"]["ours_pt"] / t["seconds"], 3)
     _remove(ckpt)

@@ -171,62 +171,67 @@ def export(reader: DcpTensorReader, items: list[CopyItem], tmp: Path, out: Path,
     files, moves = _out_files(tmp, out, [it.out for it in items], max_shard_size)
     src_of = {it.out.key: it.source for it in items}
     plan = plan_tensor_bytes(reader.path, reader.metadata, [it.source for it in items])
-    sources = sorted({c.file for chunks in plan.values() if chunks for c in chunks})
-    src_index = {name: i for i, name in enumerate(sources)}
     for f in files:
         fd = os.open(f.tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            ranges: list[Range] = []
-            owners: list[tuple[str, ChunkBytes]] = []
-            slow: list[TensorEntry] = []
-            for e in f.entries:
-                chunks = plan[src_of[e.key]]
-                if chunks is None:
-                    slow.append(e)
-                    continue
-                src_dtype = reader.entries[src_of[e.key]].dtype
-                convert = None if src_dtype == e.dtype else (src_dtype, e.dtype)
-                for c in chunks:
-                    dst = c.dst_offset if convert is None else c.dst_offset // src_dtype.itemsize * e.dtype.itemsize
-                    ranges.append(Range(src_index[c.file], c.offset, c.length, f.offsets[e.key] + dst, convert))
-                    owners.append((e.key, c))
-            # A .pt needs each record's CRC32: from DCP's stored chunk CRCs, else computed on the way.
-            need_crc = verify_source or (f.is_pt and any(c.crc32 is None for _, c in owners))
-            try:
-                cs = copy_ranges([reader.path / s for s in sources], fd, ranges, mode=mode, checksum=need_crc,
-                                 threads=threads, progress=progress)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise _disk_full(f, out) from None
-                raise CheckpointError(f"failed to copy tensor data: {e} (unreadable shard file?)") from e
-            except EOFError as e:
-                raise CheckpointError(f"failed to copy tensor data: {e} (truncated shard file?)") from e
-            stats.kernel_bytes += cs.kernel_bytes
-            stats.buffered_bytes += cs.buffered_bytes
-            stats.fallback_reason = stats.fallback_reason or cs.fallback_reason
-            if verify_source:
-                for (key, c), crc in zip(owners, cs.crcs, strict=True):
-                    stats.segments.setdefault(c.file, []).append([c.offset, c.offset + c.length, crc])
-                    if c.crc32 is not None and crc != c.crc32:
-                        raise CheckpointError(f"{reader.path / c.file}: the bytes of {src_of[key]!r} at "
-                                              f"offset {c.offset} fail their CRC32 check (corrupt shard file)")
-            record_crcs = _record_crcs(f, owners, ranges, cs.out_crcs) if f.is_pt else {}
-            record_crcs |= _write_loaded(reader, f, fd, slow, src_of, progress, stats)
-            for key, crc in record_crcs.items():
-                if key not in f.crc_slots:
-                    continue  # empty
-                desc, cd = f.crc_slots[key]
-                os.pwrite(fd, struct.pack("<I", crc), desc)
-                os.pwrite(fd, struct.pack("<I", crc), cd)
-            try:
-                os.fsync(fd)  # once per file, after all its bytes
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise _disk_full(f, out) from None
-                raise
+            _fill(reader, f, fd, plan, src_of, verify_source=verify_source, mode=mode, threads=threads,
+                  progress=progress, stats=stats)
+            os.fsync(fd)  # once per file, after all its bytes
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise _disk_full(f, out) from None
+            raise
         finally:
             os.close(fd)
     return moves
+
+
+def _fill(reader: DcpTensorReader, f: _OutFile, fd: int, plan: dict, src_of: dict[str, str], *,
+          verify_source: bool, mode: str, threads: int, progress, stats: CopyExportStats) -> None:
+    """Copy (or load and write) every tensor of one output file into place; patch `.pt` CRC32s."""
+    sources = sorted({c.file for e in f.entries for c in (plan[src_of[e.key]] or [])})
+    src_index = {name: i for i, name in enumerate(sources)}
+    ranges: list[Range] = []
+    owners: list[tuple[str, ChunkBytes]] = []
+    slow: list[TensorEntry] = []
+    for e in f.entries:
+        chunks = plan[src_of[e.key]]
+        if chunks is None:
+            slow.append(e)
+            continue
+        src_dtype = reader.entries[src_of[e.key]].dtype
+        convert = None if src_dtype == e.dtype else (src_dtype, e.dtype)
+        for c in chunks:
+            dst = c.dst_offset if convert is None else c.dst_offset // src_dtype.itemsize * e.dtype.itemsize
+            ranges.append(Range(src_index[c.file], c.offset, c.length, f.offsets[e.key] + dst, convert))
+            owners.append((e.key, c))
+    # A .pt needs each record's CRC32: from DCP's stored chunk CRCs, else computed on the way.
+    need_crc = verify_source or (f.is_pt and any(c.crc32 is None for _, c in owners))
+    try:
+        cs = copy_ranges([reader.path / s for s in sources], fd, ranges, mode=mode, checksum=need_crc,
+                         threads=threads, progress=progress)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        raise CheckpointError(f"failed to copy tensor data: {e} (unreadable shard file?)") from e
+    except EOFError as e:
+        raise CheckpointError(f"failed to copy tensor data: {e} (truncated shard file?)") from e
+    stats.kernel_bytes += cs.kernel_bytes
+    stats.buffered_bytes += cs.buffered_bytes
+    stats.fallback_reason = stats.fallback_reason or cs.fallback_reason
+    if verify_source:
+        for (key, c), crc in zip(owners, cs.crcs, strict=True):
+            stats.segments.setdefault(c.file, []).append([c.offset, c.offset + c.length, crc])
+            if c.crc32 is not None and crc != c.crc32:
+                raise CheckpointError(f"{reader.path / c.file}: the bytes of {src_of[key]!r} at "
+                                      f"offset {c.offset} fail their CRC32 check (corrupt shard file)")
+    record_crcs = _record_crcs(f, owners, ranges, cs.out_crcs) if f.is_pt else {}
+    record_crcs |= _write_loaded(reader, f, fd, slow, src_of, progress, stats)
+    for key, crc in record_crcs.items():
+        if key in f.crc_slots:  # an empty record has none
+            desc, cd = f.crc_slots[key]
+            os.pwrite(fd, struct.pack("<I", crc), desc)
+            os.pwrite(fd, struct.pack("<I", crc), cd)
 
 
 def _disk_full(f: _OutFile, out: Path) -> CosmosTrainError:
