@@ -137,7 +137,7 @@ def worker(tool: str, src: str, out: str) -> None:
     import torch  # noqa: F401 - imported by both tools; part of the baseline
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from cosmos_train.checkpoint.consolidate import consolidate
+    from cosmos_train.export.consolidate import consolidate
 
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.dcp_reader import DcpTensorReader, group_by_bytes
-from cosmos_train.checkpoint.tensor_files import TensorEntry
+from cosmos_train.export.dcp_source import DcpSource, group_by_bytes
+from cosmos_train.export.tensor_source import TensorEntry
 from cosmos_train.errors import CheckpointError, CosmosTrainError
 from cosmos_train.export.dcp_ranges import ChunkBytes, plan_tensor_bytes
 from cosmos_train.export.range_copy import Range, copy_ranges, crc32_combine
@@ -81,13 +81,13 @@ class CopyExportStats:
 
 
 # -------------------------------------------------------------------------------------- layouts
-def _layout_safetensors(f: _OutFile) -> None:
-    from cosmos_train.checkpoint.safetensors_io import _header_bytes
+def _layout_safetensors(f: _OutFile, metadata: dict[str, str] | None) -> None:
+    from cosmos_train.export.safetensors_io import _header_bytes
 
-    header = _header_bytes(f.entries, {"format": "pt"})
+    header = _header_bytes(f.entries, metadata)
     off = len(header)
     for e in f.entries:
-        f.offsets[e.key] = off
+        f.offsets[e.name] = off
         off += e.nbytes
     with open(f.tmp, "wb") as fh:
         fh.write(header)
@@ -95,13 +95,10 @@ def _layout_safetensors(f: _OutFile) -> None:
 
 
 def _layout_pt(f: _OutFile) -> None:
-    from cosmos_train.checkpoint.pt_io import PtWriter
+    from cosmos_train.export.pt_io import PtWriter
 
-    w = PtWriter(f.tmp, [(e.key, e.dtype, e.shape) for e in f.entries])
-    # Same records as PtWriter.write, with the data left as a hole to be copied in by offset.
-    for i, e in enumerate(f.entries):
-        w._zip.write_record_metadata(f"data/{i}", e.nbytes)
-    w._next = len(f.entries)
+    w = PtWriter(f.tmp, [(e.name, e.dtype, e.shape) for e in f.entries])
+    w.reserve_rest()  # same records as PtWriter.write, the data left as holes to copy into
     w.close()
     with zipfile.ZipFile(f.tmp) as z, open(f.tmp, "rb") as fh:
         infos = {i.filename.split("/", 1)[1]: i for i in z.infolist()}
@@ -119,18 +116,19 @@ def _layout_pt(f: _OutFile) -> None:
             fh.seek(info.header_offset + 26)
             n, m = struct.unpack("<HH", fh.read(4))
             start = info.header_offset + 30 + n + m
-            f.offsets[e.key] = start
+            f.offsets[e.name] = start
             if e.nbytes == 0:
                 continue  # an empty record has CRC32 0 and no data descriptor: nothing to patch
             fh.seek(start + e.nbytes)
             if struct.unpack("<I", fh.read(4))[0] != _DESCRIPTOR_SIG or f"data/{i}" not in cd_pos:
                 raise RuntimeError(f"{f.tmp}: unexpected zip layout from torch's writer (record data/{i})")
-            f.crc_slots[e.key] = (start + e.nbytes + 4, cd_pos[f"data/{i}"])
+            f.crc_slots[e.name] = (start + e.nbytes + 4, cd_pos[f"data/{i}"])
 
 
-def _out_files(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_size) -> tuple[list[_OutFile], list]:
+def _out_files(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_size,
+               st_metadata: dict[str, str] | None) -> tuple[list[_OutFile], list]:
     """Output files (laid out on disk, data still holes) and the `(temp, final)` moves."""
-    from cosmos_train.checkpoint import safetensors_io as st
+    from cosmos_train.export import safetensors_io as st
 
     if out.name.endswith((".pt", ".pth")):
         if max_shard_size is not None:
@@ -149,7 +147,7 @@ def _out_files(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_size)
         raise CosmosTrainError(f"{out.name}: {e}") from None
     files = [_OutFile(tmp / n, out.parent / n, s) for s, n in zip(shards, names, strict=True)]
     for f in files:
-        _layout_safetensors(f)
+        _layout_safetensors(f, st_metadata)
     moves = [(f.tmp, f.final) for f in files]
     if len(shards) > 1:
         st.write_index(tmp / st.index_file_name(out), shards, names)
@@ -158,18 +156,21 @@ def _out_files(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_size)
 
 
 # ----------------------------------------------------------------------------------------- copy
-def export(reader: DcpTensorReader, items: list[CopyItem], tmp: Path, out: Path, *,
+def export(reader: DcpSource, items: list[CopyItem], tmp: Path, out: Path, *,
            max_shard_size=None, verify_source: bool = False, mode: str = "auto", threads: int = THREADS,
-           progress: Callable[[int], None] | None = None,
+           progress: Callable[[int], None] | None = None, st_metadata: dict[str, str] | None = None,
            stats: CopyExportStats | None = None) -> list[tuple[Path, Path]]:
     """Write `items` to `out` (its files created under `tmp`); returns the `(temp, final)` moves.
+
+    `st_metadata` is the `__metadata__` of `.safetensors` outputs (default `{"format": "pt"}`).
 
     Raises CheckpointError naming the shard file when a source cannot be read or
     (with `verify_source`) a chunk's bytes do not match the CRC32 DCP stored.
     """
     stats = stats if stats is not None else CopyExportStats()
-    files, moves = _out_files(tmp, out, [it.out for it in items], max_shard_size)
-    src_of = {it.out.key: it.source for it in items}
+    files, moves = _out_files(tmp, out, [it.out for it in items], max_shard_size,
+                              {"format": "pt"} if st_metadata is None else st_metadata)
+    src_of = {it.out.name: it.source for it in items}
     plan = plan_tensor_bytes(reader.path, reader.metadata, [it.source for it in items])
     for f in files:
         fd = os.open(f.tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
@@ -186,25 +187,25 @@ def export(reader: DcpTensorReader, items: list[CopyItem], tmp: Path, out: Path,
     return moves
 
 
-def _fill(reader: DcpTensorReader, f: _OutFile, fd: int, plan: dict, src_of: dict[str, str], *,
+def _fill(reader: DcpSource, f: _OutFile, fd: int, plan: dict, src_of: dict[str, str], *,
           verify_source: bool, mode: str, threads: int, progress, stats: CopyExportStats) -> None:
     """Copy (or load and write) every tensor of one output file into place; patch `.pt` CRC32s."""
-    sources = sorted({c.file for e in f.entries for c in (plan[src_of[e.key]] or [])})
+    sources = sorted({c.file for e in f.entries for c in (plan[src_of[e.name]] or [])})
     src_index = {name: i for i, name in enumerate(sources)}
     ranges: list[Range] = []
     owners: list[tuple[str, ChunkBytes]] = []
     slow: list[TensorEntry] = []
     for e in f.entries:
-        chunks = plan[src_of[e.key]]
+        chunks = plan[src_of[e.name]]
         if chunks is None:
             slow.append(e)
             continue
-        src_dtype = reader.entries[src_of[e.key]].dtype
+        src_dtype = reader.entries[src_of[e.name]].dtype
         convert = None if src_dtype == e.dtype else (src_dtype, e.dtype)
         for c in chunks:
             dst = c.dst_offset if convert is None else c.dst_offset // src_dtype.itemsize * e.dtype.itemsize
-            ranges.append(Range(src_index[c.file], c.offset, c.length, f.offsets[e.key] + dst, convert))
-            owners.append((e.key, c))
+            ranges.append(Range(src_index[c.file], c.offset, c.length, f.offsets[e.name] + dst, convert))
+            owners.append((e.name, c))
     # A .pt needs each record's CRC32: from DCP's stored chunk CRCs, else computed on the way.
     need_crc = verify_source or (f.is_pt and any(c.crc32 is None for _, c in owners))
     try:
@@ -242,7 +243,7 @@ def _disk_full(f: _OutFile, out: Path) -> CosmosTrainError:
 
 def _record_crcs(f: _OutFile, owners, ranges: list[Range], out_crcs) -> dict[str, int]:
     """CRC32 of each copied `.pt` record, joined from its chunks' CRC32s in order."""
-    crcs: dict[str, int] = {e.key: 0 for e in f.entries}
+    crcs: dict[str, int] = {e.name: 0 for e in f.entries}
     for (key, c), r, oc in zip(owners, ranges, out_crcs, strict=True):
         crc = oc if oc is not None else c.crc32
         if crc is None:  # cannot happen: checksum=True is forced when a chunk has no stored CRC
@@ -251,20 +252,20 @@ def _record_crcs(f: _OutFile, owners, ranges: list[Range], out_crcs) -> dict[str
     return crcs
 
 
-def _write_loaded(reader: DcpTensorReader, f: _OutFile, fd: int, entries: list[TensorEntry], src_of,
+def _write_loaded(reader: DcpSource, f: _OutFile, fd: int, entries: list[TensorEntry], src_of,
                   progress, stats: CopyExportStats) -> dict[str, int]:
     """Read the non-plain tensors through dcp.load and write them at their offsets; their CRC32s."""
     crcs = {}
     for group in group_by_bytes(entries, _GROUP_BYTES):
-        loaded = reader.load([src_of[e.key] for e in group])
+        loaded = reader.load([src_of[e.name] for e in group])
         for e in group:
-            t = loaded.pop(src_of[e.key])
+            t = loaded.pop(src_of[e.name])
             t = (t if t.dtype == e.dtype else t.to(e.dtype)).contiguous().reshape(-1)
             view = memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
             done = 0
             while done < len(view):
-                done += os.pwrite(fd, view[done:], f.offsets[e.key] + done)
-            crcs[e.key] = zlib.crc32(view)
+                done += os.pwrite(fd, view[done:], f.offsets[e.name] + done)
+            crcs[e.name] = zlib.crc32(view)
             stats.loaded_bytes += len(view)
             if progress is not None:
                 progress(len(view))

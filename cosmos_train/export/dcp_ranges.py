@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.pt_io import _PICKLE_PROTOCOL, _StorageStub, _StubPickler, _TensorStub
+from cosmos_train.export.pt_io import _PICKLE_PROTOCOL, _StorageStub, _StubPickler, _TensorStub
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 _LOCAL_SIG = 0x04034B50

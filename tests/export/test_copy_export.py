@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from cosmos_train.checkpoint.consolidate import consolidate
-from cosmos_train.checkpoint.dcp_reader import DcpTensorReader
+from cosmos_train.export.consolidate import consolidate
+from cosmos_train.export.dcp_source import DcpSource
 from cosmos_train.errors import CheckpointError
 from cosmos_train.export import copy_export
 from cosmos_train.export.dcp_ranges import plan_tensor_bytes
@@ -52,7 +52,7 @@ def _records(path):
 
 def test_plan_finds_plain_chunks_and_refuses_strided_ones(tmp_path):
     sd = _tensors()
-    r = DcpTensorReader(_save(tmp_path / "ck", sd))
+    r = DcpSource(_save(tmp_path / "ck", sd))
     plan = plan_tensor_bytes(r.path, r.metadata, list(r.entries))
     assert plan["net.t"] is None  # not contiguous: read through dcp.load instead
     for k in ("net.w", "net.h", "net.n", "net.e"):
@@ -92,7 +92,7 @@ def test_bf16_and_safetensors_shards(tmp_path):
 def test_verify_source_catches_a_flipped_byte_in_a_chunk(tmp_path):
     sd = _tensors()
     ck = _save(tmp_path / "ck", sd)
-    r = DcpTensorReader(ck)
+    r = DcpSource(ck)
     (c,) = plan_tensor_bytes(r.path, r.metadata, ["net.w"])["net.w"]
     shard = ck / c.file
     raw = bytearray(shard.read_bytes())
@@ -106,7 +106,7 @@ def test_verify_source_catches_a_flipped_byte_in_a_chunk(tmp_path):
 def test_stats_say_how_bytes_went(tmp_path):
     sd = _tensors()
     ck = _save(tmp_path / "ck", sd)
-    r = DcpTensorReader(ck)
+    r = DcpSource(ck)
     items = [copy_export.CopyItem(e, k) for k, e in r.entries.items()]
     (tmp_path / "t").mkdir()
     stats = copy_export.CopyExportStats()
@@ -120,7 +120,7 @@ def test_verify_source_records_the_crcs_of_what_it_read(tmp_path):
 
     sd = _tensors()
     ck = _save(tmp_path / "ck", sd)
-    r = DcpTensorReader(ck)
+    r = DcpSource(ck)
     (tmp_path / "t").mkdir()
     stats = copy_export.CopyExportStats()
     copy_export.export(r, [copy_export.CopyItem(e, k) for k, e in r.entries.items()], tmp_path / "t",
