@@ -1,13 +1,17 @@
-"""DCP checkpoint -> one `.pt` / `.safetensors` (or a PEFT adapter dir), streamed in bounded memory.
+"""DCP checkpoint -> one `.pt` / `.safetensors` (or a PEFT adapter dir), in bounded memory.
 
 Upstream conversion (`dcp_to_torch_save`) loads the whole model, then pickles it.
-Here the DCP metadata gives every key's dtype and shape, the output's layout is
-written from that, and the tensors are read from the shard files a bounded group
+Here the DCP metadata gives every key's dtype and shape, so the output's layout
+is known before any data is read. A plain export (any dtype, no LoRA merge) is a
+byte-range copy (`copy_export`): every tensor's chunks go from the shard files
+straight to their offsets in the output, file to file through the kernel
+(`copy_file_range`), or through small per-thread buffers when casting; peak
+memory above the interpreter is ~0.1x the largest tensor (~0.8x with a cast).
+LoRA merges and adapter exports are computed: tensors are read a bounded group
 at a time (`_GROUP_BYTES`, or one tensor if larger, into one reused buffer) and
-written straight to the output. Peak memory above the interpreter is that buffer
-plus the chunk DCP is copying in (plus one converted tensor with `dtype`),
-whatever the model size: about 0.15-0.25 GiB for DiT-2B/14B-shaped fp32 tensors
-(largest 64 MiB for 2B; 400 MiB for 14B makes it ~1 GiB).
+written through the streaming writers; about 0.15-0.25 GiB above the interpreter
+for DiT-2B/14B-shaped fp32 tensors (largest 64 MiB for 2B; 400 MiB for 14B makes
+it ~1 GiB).
 
 Keys: the DCP model part holds `net.<fqn>` (regular) and `net_ema.<fqn>` (EMA).
 The default export is `net.*` under `prefix` ("net." like released Cosmos
