@@ -261,7 +261,7 @@ fi
 # wan_2b_step: examples/2b_lora.toml at 704x1280x93 (synthetic clips, embeddings generated), the released
 # DiT and Wan2.1 VAE from the Hugging Face cache (never downloaded here: HF_HUB_OFFLINE lookup), 2 steps.
 cat >"$WORK/find_2b.py" <<'EOF'
-from cosmos_train.models.hub import resolve_local
+from cosmos_train.hub import resolve_local
 for path in ("hf://nvidia/Cosmos-Predict2-2B-Video2World/model-720p-16fps.pt",
              "hf://nvidia/Cosmos-Predict2-2B-Video2World/tokenizer/tokenizer.pth"):
     resolve_local(path, offline=True)

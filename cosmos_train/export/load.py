@@ -30,11 +30,9 @@ from cosmos_train.checkpoint import layout
 from cosmos_train.errors import CheckpointError
 from cosmos_train.export.keys import KeyPlan, format_key_problems, plan_keys
 from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorSource, describe_failure, open_source
+from cosmos_train.hub import HF_SCHEME, hf_fetch
 
 log = logging.getLogger(__name__)
-
-HF_SCHEME = "hf://"
-FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -50,30 +48,6 @@ class Source:
 
 
 # ------------------------------------------------------------------- resolving
-def _hf_fetch(spec: str, *, cache_dir: str | Path | None, offline: bool) -> Path:
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HTTPError
-
-    rest = spec[len(HF_SCHEME):]
-    parts = rest.split("/", 2)
-    if len(parts) < 3 or not all(parts):
-        raise CheckpointError(f"{spec}: expected hf://org/repo/path/in/repo (optionally org/repo@revision)")
-    org, repo, inner = parts
-    repo, _, revision = repo.partition("@")
-    repo_id = f"{org}/{repo}"
-    try:
-        if inner.endswith(FILE_SUFFIXES):
-            return Path(hf_hub_download(repo_id, inner, revision=revision or None, cache_dir=cache_dir,
-                                        local_files_only=offline))
-        root = snapshot_download(repo_id, revision=revision or None, cache_dir=cache_dir,
-                                 allow_patterns=[f"{inner.rstrip('/')}/**"], local_files_only=offline)
-        return Path(root) / inner
-    except (OSError, ValueError, EntryNotFoundError, HTTPError) as e:  # offline miss, 404, auth, bad repo id
-        hint = " (offline: only the local cache is used; download it once online)" if offline else ""
-        raise CheckpointError(f"{spec}: cannot fetch from the Hugging Face Hub: {type(e).__name__}: {e}{hint}") \
-            from e
-
-
 def resolve_load_path(load_path: str | Path, *, cache_dir: str | Path | None = None,
                       offline: bool = False) -> Source:
     """Turn a `checkpoint.load_path` value into a Source; raises CheckpointError if unusable.
@@ -87,7 +61,7 @@ def resolve_load_path(load_path: str | Path, *, cache_dir: str | Path | None = N
         if multi and rank != 0:
             dist.barrier()
         try:
-            path = _hf_fetch(origin, cache_dir=cache_dir, offline=offline)
+            path = hf_fetch(origin, cache_dir=cache_dir, offline=offline)
         finally:
             if multi and rank == 0:
                 dist.barrier()

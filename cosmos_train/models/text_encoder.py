@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cosmos_train.errors import CosmosTrainError
-from cosmos_train.models.hub import resolve_local, sibling
+from cosmos_train.hub import resolve_local, sibling
 
 MAX_TOKENS = 512
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")

@@ -177,7 +177,7 @@ def _load_original_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_wan_vae(path: str | Path):
     """diffusers `AutoencoderKLWan` (fp32, CPU, eval) from a local path in either layout, or hf://."""
-    from cosmos_train.models.hub import resolve_local
+    from cosmos_train.hub import resolve_local
 
     AutoencoderKLWan, _ = _diffusers()
     layout, local = find_vae_weights(resolve_local(path))

@@ -57,3 +57,10 @@ def test_bad_captions_are_named_before_any_work(tmp_path, t5_dir):
     assert result.exit_code == 2 and "cannot read the caption" in result.output.replace("\n", "")
     result = runner.invoke(_app(), ["data", "embed", str(tmp_path / "nope"), "--model", str(t5_dir)])
     assert result.exit_code == 2 and "no caption files" in result.output.replace("\n", "")
+
+
+def test_cli_default_encoder_is_the_spec_default():
+    from cosmos_train.cli.data import DEFAULT_T5
+    from cosmos_train.spec import TextEncoderSpec
+
+    assert DEFAULT_T5 == TextEncoderSpec().path
