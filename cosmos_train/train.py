@@ -193,7 +193,8 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
                 set_gradient_sync(model, micro == tr.grad_accum_iter - 1)
             # Upstream feeds the zero-padded T5 embedding without a key mask; released weights expect it.
             loss, _ = training_loss(model, latent, emb, None, generator=generator,
-                                    num_condition_frames=spec.model.num_condition_frames, text_dropout=spec.data.text_dropout,
+                                    num_condition_frames=spec.model.train_condition_frames,
+                                    text_dropout=spec.data.text_dropout,
                                     loss_scale=tr.loss_scale)
             (loss * (dims.cp / tr.grad_accum_iter)).backward()
             loss_sum += loss.detach()
@@ -205,8 +206,8 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
             log(f"step {step + 1}: non-finite gradient norm ({grad_norm}); optimizer step skipped")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if ema is not None:
-            ema.update(model, step + 1)
+        if ema is not None:  # upstream passes the iteration before incrementing it: beta(0) = 0 copies
+            ema.update(model, step)
         done = step + 1
         state.step = result.end_step = done
         loss_value = _mean_over_ranks(loss_sum / tr.grad_accum_iter)

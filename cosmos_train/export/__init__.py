@@ -1,0 +1,1 @@
+"""Tensor formats and conversions of model weights."""
