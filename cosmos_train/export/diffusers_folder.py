@@ -1,0 +1,129 @@
+"""A diffusers `transformer/` folder (config.json + safetensors) as a weight source and output.
+
+Reading: `DiffusersSource` is the `TensorSource` of a folder written by diffusers'
+`CosmosTransformer3DModel.save_pretrained` (or by `cosmos-train consolidate --format
+diffusers`), a pipeline folder holding one under `transformer/`, or the same fetched
+from the Hub. It lists the weights under our keys (`net.<fqn>`, the released-checkpoint
+names) and adds the buffers diffusers does not store, recomputed from config.json
+(`pos_embedder.*`) or zero (the `accum_*` counters), so the key planner sees a complete
+DiT. Writing: `transformer_files` names the files `consolidate` writes there.
+
+The key and config mapping itself lives in `export.diffusers` (pure functions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cosmos_train.errors import CheckpointError
+from cosmos_train.export import diffusers as mapping
+from cosmos_train.export.keys import REG
+from cosmos_train.export.tensor_source import TensorEntry
+from cosmos_train.models.presets import DiTConfig
+
+
+def find_transformer_dir(path: str | Path) -> Path | None:
+    """The `CosmosTransformer3DModel` folder at `path` or at `path/transformer`; None if neither."""
+    path = Path(path)
+    for cand in (path, path / mapping.TRANSFORMER_SUBFOLDER):
+        cfg = cand / mapping.CONFIG_NAME
+        if cfg.is_file():
+            try:
+                cls = json.loads(cfg.read_text()).get("_class_name")
+            except (OSError, ValueError):
+                return None
+            if cls == mapping.DIFFUSERS_CLASS:
+                return cand
+    return None
+
+
+def read_dit_config(transformer_dir: Path) -> DiTConfig:
+    """Our architecture from the folder's config.json; CheckpointError naming the file if it is not one."""
+    cfg_path = transformer_dir / mapping.CONFIG_NAME
+    try:
+        config = json.loads(cfg_path.read_text())
+        return mapping.from_diffusers_config(config, source=str(cfg_path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: {e}" if str(cfg_path) not in str(e) else str(e)) from None
+
+
+def _weights_file(transformer_dir: Path) -> Path:
+    for name in (mapping.INDEX_NAME, mapping.WEIGHTS_NAME):
+        if (transformer_dir / name).is_file():
+            return transformer_dir / name
+    raise CheckpointError(f"{transformer_dir}: no {mapping.INDEX_NAME} or {mapping.WEIGHTS_NAME} "
+                          "(only safetensors diffusers folders are read)")
+
+
+def computed_buffers(cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """The DiT's buffers for `cfg` as a fresh model has them (RoPE tables; zero counters)."""
+    from cosmos_train.models.dit import DiT
+
+    with torch.device("meta"):
+        model = DiT(cfg, attention=nn.Identity)  # no memory: only the buffer shapes and the RoPE module
+    model.pos_embedder.to_empty(device="cpu")
+    model.pos_embedder.reset_buffers()
+    out = {}
+    for name, buf in model.named_buffers():
+        out[name] = buf.detach().clone() if not buf.is_meta else torch.zeros(buf.shape, dtype=buf.dtype)
+    return out
+
+
+class DiffusersSource:
+    """`TensorSource` of a diffusers CosmosTransformer3DModel folder, in our `net.` key space."""
+
+    def __init__(self, path: str | Path):
+        from cosmos_train.export.safetensors_io import SafetensorsSource
+
+        found = find_transformer_dir(path)
+        if found is None:
+            raise CheckpointError(f"{path}: not a diffusers CosmosTransformer3DModel folder "
+                                  f"(no config.json with _class_name {mapping.DIFFUSERS_CLASS!r} here or in "
+                                  f"{mapping.TRANSFORMER_SUBFOLDER}/)")
+        self.path = found
+        self.dit_config = read_dit_config(found)
+        self._inner = SafetensorsSource(_weights_file(found))
+        self.files = [found / mapping.CONFIG_NAME, *self._inner.files]
+        self.non_tensor_keys: list[str] = []
+        self.entries: dict[str, TensorEntry] = {}
+        self._stored: dict[str, str] = {}  # our key -> diffusers key
+        for key, e in self._inner.entries.items():
+            try:
+                ours = REG + mapping.from_diffusers_key(key)
+            except ValueError as err:
+                raise CheckpointError(f"{self._inner.path}: {err}") from None
+            self.entries[ours] = TensorEntry(ours, e.dtype, e.shape)
+            self._stored[ours] = key
+        self._computed = {REG + k: v for k, v in computed_buffers(self.dit_config).items()}
+        for key, t in self._computed.items():
+            self.entries[key] = TensorEntry(key, t.dtype, tuple(t.shape))
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header metadata (a folder written by consolidate records the run's spec)."""
+        return self._inner.metadata()
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors by our keys: stored weights read from disk, buffers recomputed."""
+        stored = [self._stored[n] for n in names if n in self._stored]
+        loaded = self._inner.load(stored) if stored else {}
+        out = {}
+        for n in names:
+            out[n] = loaded[self._stored[n]] if n in self._stored else self._computed[n].clone()
+        return out
+
+
+def diffusers_config_json(cfg: DiTConfig) -> str:
+    """config.json of a CosmosTransformer3DModel with our architecture (diffusers reads it as is)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    config = {"_class_name": mapping.DIFFUSERS_CLASS}
+    try:  # diffusers records the version that wrote a config; it is informational only
+        config["_diffusers_version"] = version("diffusers")
+    except PackageNotFoundError:
+        pass
+    config.update(mapping.to_diffusers_config(cfg))
+    return json.dumps(config, indent=2) + "\n"
