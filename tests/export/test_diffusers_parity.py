@@ -74,6 +74,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def test_presets_map_to_the_released_diffusers_configs():
+    # diffusers' scripts/convert_cosmos_to_diffusers.py, TRANSFORMER_CONFIGS["Cosmos-2.0-Diffusion-{2B,14B}-Video2World"]
+    released = {"2b": dict(in_channels=17, num_attention_heads=16, num_layers=28, rope_scale=[1.0, 3.0, 3.0]),
+                "14b": dict(in_channels=17, num_attention_heads=40, num_layers=36, rope_scale=[20 / 24, 2.0, 2.0])}
+    for preset, want in released.items():
+        got = to_diffusers_config(PRESETS[preset])
+        assert {k: got[k] for k in want} == want, preset
+        assert got["max_size"] == [128, 240, 240] and got["patch_size"] == [1, 2, 2]
+        assert got["attention_head_dim"] == 128 and got["text_embed_dim"] == 1024 and got["adaln_lora_dim"] == 256
+        assert got["extra_pos_embed_type"] is None and got["concat_padding_mask"] is True
+        assert from_diffusers_config(got) == PRESETS[preset]
+
+
 def test_config_round_trip():
     assert from_diffusers_config(to_diffusers_config(CFG)) == CFG
     assert from_diffusers_config(dict(CosmosTransformer3DModel(**to_diffusers_config(CFG)).config)) == CFG
