@@ -16,7 +16,7 @@ condition-mask channel is 1 there, and their x0 prediction is the clean latent (
 Upstream (`cosmos_predict2/models/video2world_model.py`, `pipelines/video2world.py`) and
 this module agree on each of these, in particular:
 - video batches (T > 1) scale the sampled sigma by sqrt(T) (`adjust_video_noise`,
-  `draw_training_sigma_and_epsilon`); the high-sigma draw replaces the scaled value;
+  `draw_training_sigma_and_epsilon`); the high-sigma draw (video only) replaces the scaled value;
 - k is drawn per sample uniformly from {min, max} (`VideoCondition.set_video_condition`,
   min/max_num_conditional_frames = 1/2); images (T = 1) have no condition frame;
 - the loss is `mean()` over B, C, T, H, W, condition frames included (they are zero).
@@ -152,7 +152,9 @@ def training_loss(net, x0_B_C_T_H_W: torch.Tensor, text_emb: torch.Tensor, text_
     dev = generator.device
     if sigma_override is None:
         multiplier = video_noise_multiplier(T) if adjust_video_noise else 1.0
-        sigma = sample_sigma(B, generator=generator, multiplier=multiplier, high_sigma_ratio=high_sigma_ratio)
+        # upstream draws high sigmas for video batches only
+        sigma = sample_sigma(B, generator=generator, multiplier=multiplier,
+                             high_sigma_ratio=high_sigma_ratio if T > 1 else 0.0)
     else:
         sigma = torch.as_tensor(sigma_override, dtype=torch.float64).to(dev).expand(B).clone()
     eps = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device)

@@ -82,7 +82,8 @@ def test_sigma_distribution_median_at_24_latent_frames():
 def test_image_batch_is_not_scaled_and_has_no_condition_frame():
     net = Recorder()
     training_loss(net, torch.zeros(3, 2, 1, 1, 1), torch.zeros(3, 1, 4), None,
-                  generator=torch.Generator().manual_seed(2), text_dropout=0.0, high_sigma_ratio=0.0)
+                  generator=torch.Generator().manual_seed(2), text_dropout=0.0, high_sigma_ratio=1.0)
+    # upstream: no sqrt(T) multiplier and no high-sigma draw for images
     sigma = torch.randn(3, generator=torch.Generator().manual_seed(2), dtype=torch.float64).exp()
     torch.testing.assert_close(net.calls[0]["t"][:, 0], (sigma / (1 + sigma)).float())
     assert net.calls[0]["mask"].eq(0).all()
