@@ -51,6 +51,20 @@ def read_dit_config(transformer_dir: Path) -> DiTConfig:
         raise CheckpointError(f"{cfg_path}: {e}" if str(cfg_path) not in str(e) else str(e)) from None
 
 
+def check_architecture(folder: DiTConfig, model: DiTConfig, *, source: str) -> None:
+    """CheckpointError naming every field where the folder's config.json and the model's spec differ.
+
+    Shapes would catch most of them when loading, but not the RoPE ratios or table sizes.
+    """
+    from dataclasses import fields
+
+    diff = [f"{f.name}: folder {getattr(folder, f.name)!r}, spec {getattr(model, f.name)!r}"
+            for f in fields(DiTConfig) if getattr(folder, f.name) != getattr(model, f.name)]
+    if diff:
+        raise CheckpointError(f"{source}: config.json describes another architecture than the spec "
+                              f"(model.architecture.*): " + "; ".join(diff))
+
+
 def _weights_file(transformer_dir: Path) -> Path:
     for name in (mapping.INDEX_NAME, mapping.WEIGHTS_NAME):
         if (transformer_dir / name).is_file():
@@ -127,3 +141,60 @@ def diffusers_config_json(cfg: DiTConfig) -> str:
         pass
     config.update(mapping.to_diffusers_config(cfg))
     return json.dumps(config, indent=2) + "\n"
+
+
+# ---------------------------------------------------------------- pipeline folders
+PIPELINE_INDEX = "model_index.json"
+
+
+def _fetch_pipeline(spec: str, *, cache_dir: str | Path | None, offline: bool) -> Path:
+    """hf://org/repo[@rev]: every file of the pipeline repo except its transformer, from the Hub cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HTTPError
+
+    repo, _, revision = spec[len("hf://"):].rstrip("/").partition("@")
+    if repo.count("/") != 1:
+        raise CheckpointError(f"{spec}: a base pipeline on the Hub is hf://org/repo[@revision]")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir,
+                                      ignore_patterns=[f"{mapping.TRANSFORMER_SUBFOLDER}/*"],
+                                      local_files_only=offline))
+    except (OSError, ValueError, HTTPError) as e:
+        hint = " (offline: only the local cache is used)" if offline else ""
+        raise CheckpointError(f"{spec}: cannot fetch the base pipeline: {type(e).__name__}: {e}{hint}") from e
+
+
+def resolve_base_pipeline(base: str | Path, *, cache_dir: str | Path | None = None,
+                          offline: bool = False) -> Path:
+    """The folder of a base pipeline (local, or hf://org/repo fetched without its transformer), checked:
+    its model_index.json names a CosmosTransformer3DModel transformer."""
+    root = _fetch_pipeline(str(base), cache_dir=cache_dir, offline=offline) if str(base).startswith("hf://") \
+        else Path(base).expanduser()
+    index = root / PIPELINE_INDEX
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{index}: not a diffusers pipeline folder ({type(e).__name__}: {e})") from None
+    theirs = components.get(mapping.TRANSFORMER_SUBFOLDER)
+    if not (isinstance(theirs, list) and len(theirs) == 2 and theirs[1] == mapping.DIFFUSERS_CLASS):
+        raise CheckpointError(f"{index}: its transformer is {theirs!r}, not a {mapping.DIFFUSERS_CLASS}")
+    return root
+
+
+def link_pipeline(root: Path, out_dir: Path) -> list[Path]:
+    """Make `out_dir` a full pipeline around its `transformer/`: the base's model_index.json copied,
+    every other component referenced by a symlink (nothing large is copied). Returns the paths made."""
+    created = []
+    for entry in sorted(root.iterdir()):
+        if entry.name in (mapping.TRANSFORMER_SUBFOLDER, PIPELINE_INDEX) or entry.name.startswith("."):
+            continue
+        link = out_dir / entry.name
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.exists():
+            raise CheckpointError(f"{link}: exists; choose an empty output folder for a full pipeline")
+        link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        created.append(link)
+    (out_dir / PIPELINE_INDEX).write_text((root / PIPELINE_INDEX).read_text())
+    created.append(out_dir / PIPELINE_INDEX)
+    return created
