@@ -265,7 +265,8 @@ class ParallelSpec(_Section):
 class CheckpointSpec(_Section):
     save_iter: int = Field(500, gt=0, description="Save every this many steps (and at the end).")
     load_path: str | None = Field(
-        None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir or hf://org/repo/file.")
+        None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir, diffusers transformer "
+                          "folder, hf://org/repo/file or hf://org/repo (a diffusers repo: its transformer/).")
     load_training_state: bool = Field(False, description="Also load optimizer/scheduler/trainer from load_path.")
     strict_resume: bool = Field(True, description="Missing or unexpected keys are an error.")
     keys_not_to_resume: list[str] = Field(

@@ -12,7 +12,7 @@ from cosmos_train.cli.common import handle_errors
 
 @handle_errors
 def infer(
-    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="model.pt | .safetensors | DCP iteration dir | run dir | hf://org/repo/file")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="model.pt | .safetensors | DCP iteration dir | run dir | diffusers folder (DIR or DIR/transformer) | hf://org/repo/file | hf://org/repo (diffusers)")],
     input: Annotated[Path, typer.Option("--input", "-i", help="Conditioning image (png/jpg) or clip (mp4: its last frame).")],
     prompt_embedding: Annotated[str, typer.Option("--prompt-embedding", "-p", help="Text embedding: FILE.npy [n_tokens, 1024] or STORE.zarr:KEY.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output mp4.")] = Path("outputs/sample.mp4"),
