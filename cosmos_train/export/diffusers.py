@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from cosmos_train.models.presets import DiTConfig
+from cosmos_train.presets import DiTConfig
 
 DIFFUSERS_CLASS = "CosmosTransformer3DModel"
 CONFIG_NAME = "config.json"

@@ -23,7 +23,7 @@ from cosmos_train.errors import CheckpointError
 from cosmos_train.export import diffusers as mapping
 from cosmos_train.export.keys import REG
 from cosmos_train.export.tensor_source import TensorEntry
-from cosmos_train.models.presets import DiTConfig
+from cosmos_train.presets import DiTConfig
 
 
 def find_transformer_dir(path: str | Path) -> Path | None:

@@ -60,6 +60,10 @@ def rf_scaling(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return 1 - t, -t, 1 - t, t
 
 
+# c_noise of the condition frames, computed once in float32 as the tensors are (no per-step host read).
+_C_NOISE_CONDITION = rf_scaling(torch.tensor(SIGMA_CONDITION))[3].item()
+
+
 def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
     """Per-sigma weight (1 + sigma)^2 / sigma^2 of the x0 MSE."""
     return (1 + sigma) ** 2 / sigma ** 2
@@ -118,8 +122,7 @@ def denoise(net, x_sigma_B_C_T_H_W: torch.Tensor, sigma_B: torch.Tensor, text_em
         clean = clean_latent.float().to(x.device)
         is_cond = is_cond_B_T[:, None, :, None, None]
         net_in = torch.where(is_cond, clean, net_in)
-        t_cond = rf_scaling(torch.tensor(SIGMA_CONDITION, dtype=torch.float64))[3].float()
-        timesteps_B_T = torch.where(is_cond_B_T, t_cond.to(x.device), timesteps_B_T)
+        timesteps_B_T = torch.where(is_cond_B_T, _C_NOISE_CONDITION, timesteps_B_T)
     out = net(net_in, timesteps_B_T.contiguous(), text_emb_B_N_D, crossattn_mask_B_N=text_mask_B_N,
               condition_mask_B_1_T_H_W=mask).float()
     x0 = c_skip * x + c_out * out

@@ -38,7 +38,7 @@ from diffusers.models.transformers import transformer_cosmos  # noqa: E402
 from cosmos_train.export.diffusers import (from_diffusers_config, from_diffusers_state_dict,  # noqa: E402
                                            to_diffusers_config, to_diffusers_state_dict)
 from cosmos_train.models.dit import DiT  # noqa: E402
-from cosmos_train.models.presets import PRESETS  # noqa: E402
+from cosmos_train.presets import PRESETS  # noqa: E402
 from cosmos_train.models.sampler import euler_step, make_x0_fn  # noqa: E402
 
 CFG = PRESETS["tiny"].with_overrides(model_channels=64, num_heads=2, num_blocks=2, latent_channels=16,

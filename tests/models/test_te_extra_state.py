@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosmos_train.models.dit import DiT
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.runtime.attention import SDPAAttention, TEAttention
 
 

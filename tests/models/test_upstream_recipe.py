@@ -17,7 +17,7 @@ import torch
 
 from cosmos_train.models.diffusion import SIGMA_CONDITION, sample_sigma, training_loss
 from cosmos_train.models.dit import DiT
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.models.sampler import initial_noise, karras_sigmas, sample
 
 

@@ -1,6 +1,8 @@
 """Architecture presets for the DiT (values from released Cosmos-Predict2 configs).
 
-Pure data, no torch: the spec validates against these before anything is built.
+Pure data, no torch, no package imports: the spec validates against these before anything is
+built, and the model takes a `DiTConfig`. Living beside both (not in `models/`) keeps the spec
+free of model code and the model free of the spec.
 
 RoPE extrapolation ratios (h, w, t) are those of upstream's Video2World nets
 (`cosmos_predict2/configs/base/config_video2world.py`, `_PREDICT2_VIDEO2WORLD_NET_2B` /
@@ -14,7 +16,7 @@ set `data.video_size` ([704, 1280] at 720p, [480, 832] at 480p) and `data.num_fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -56,5 +58,3 @@ PRESETS: dict[str, DiTConfig] = {
     "14b": DiTConfig(model_channels=5120, num_blocks=36, num_heads=40, rope_h_extrapolation_ratio=2.0,
                      rope_w_extrapolation_ratio=2.0, rope_t_extrapolation_ratio=0.8333333333333334),
 }
-
-ARCHITECTURE_FIELDS = tuple(f.name for f in fields(DiTConfig))
