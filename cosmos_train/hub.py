@@ -21,10 +21,11 @@ def hf_fetch(spec: str, *, cache_dir: str | Path | None = None, offline: bool = 
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HTTPError
 
-    rest = spec[len(HF_SCHEME):]
+    rest = spec[len(HF_SCHEME):].rstrip("/")
     parts = rest.split("/", 2)
     if len(parts) < 3 or not all(parts):
-        raise CheckpointError(f"{spec}: expected hf://org/repo/path/in/repo (optionally org/repo@revision)")
+        raise CheckpointError(f"{spec}: expected hf://org/repo/path/in/repo (optionally org/repo@revision; "
+                              "checkpoint.load_path also takes hf://org/repo, a diffusers repo)")
     org, repo, inner = parts
     repo, _, revision = repo.partition("@")
     repo_id = f"{org}/{repo}"
