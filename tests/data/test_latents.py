@@ -59,8 +59,8 @@ def test_mismatched_cache_is_refused_naming_the_difference(assets):
     spec_path = root / "enc2.toml"
     spec_path.write_text(_spec(root, data, vae_dir, name="enc2").to_toml())
     assert _encode(spec_path, data).exit_code == 0
-    with pytest.raises(CosmosTrainError, match="num_frames: cache 9, spec 5"):
-        train(_spec(root, data, vae_dir, name="f5", latents="cached", num_frames=5), show_progress=False)
+    with pytest.raises(CosmosTrainError, match="num_frames: cache 9, spec 13"):
+        train(_spec(root, data, vae_dir, name="f13", latents="cached", num_frames=13), show_progress=False)
     with pytest.raises(CosmosTrainError, match="VAE weights: cache [0-9a-f]+ from .*vae_a.* spec [0-9a-f]+ from .*vae_b"):
         train(_spec(root, data, other_dir, name="other", latents="cached"), show_progress=False)
     with pytest.warns(UserWarning, match="encoding on the fly"):
