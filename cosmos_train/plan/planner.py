@@ -165,8 +165,12 @@ def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_
                               for f in ActivationTrace.__dataclass_fields__})
 
 
-def plan(spec: ExperimentSpec, hw: Hardware) -> Plan:
-    """Plan `spec` on `hw` (no fixes: see `fixes.find_fixes`)."""
+def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan:
+    """Plan `spec` on `hw` (no fixes: see `fixes.find_fixes`).
+
+    `compare_ac=False` skips the second trace (activation checkpointing toggled), whose
+    figure is only reported for comparison; `saved_other_ac` is then 0.
+    """
     dims = build_parallel_dims(spec.parallel, hw.world)
     inv = inventory(meta_model(spec))
     shard = dims.fsdp_size
@@ -175,7 +179,7 @@ def plan(spec: ExperimentSpec, hw: Hardware) -> Plan:
     pbytes, rbytes = torch.finfo(param_dtype).bits // 8, torch.finfo(reduce_dtype).bits // 8
     ac = spec.parallel.activation_checkpointing
     tr = _trace(spec, inv, shard=shard, param_dtype=param_dtype, ac=ac)
-    other = _trace(spec, inv, shard=shard, param_dtype=param_dtype, ac=not ac).saved
+    other = _trace(spec, inv, shard=shard, param_dtype=param_dtype, ac=not ac).saved if compare_ac else 0
 
     # FSDP2 buffers (module docstring).
     blocks = range(inv.num_blocks)

@@ -1,0 +1,36 @@
+"""The plan's one-line summary for the start of a run (and whether it says the run will not fit)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from cosmos_train.plan.planner import Hardware, Plan, plan
+from cosmos_train.spec import ExperimentSpec
+
+
+def device_memory(device: torch.device, local_ranks: int) -> int:
+    """Bytes one rank may use: the GPU's memory, or on CPU the host's RAM shared by its ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_ranks, 1)
+
+
+def startup_plan(spec: ExperimentSpec, *, world: int, local_ranks: int, device: torch.device) -> Plan:
+    """Plan the run as it is about to start (no fix search, no AC comparison: it must be quick).
+
+    The planner builds the model on the meta device through the training code, which logs its
+    own lines (attention backend, LoRA summary); they are muted here so the run log shows
+    them once, for the real model.
+    """
+    hw = Hardware(world=world, gpus_per_node=min(local_ranks, world), gpu_mem=device_memory(device, local_ranks),
+                  device_type=device.type)
+    logger = logging.getLogger("cosmos_train")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        return plan(spec, hw, compare_ac=False)
+    finally:
+        logger.setLevel(level)
