@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 FP32 = 4
@@ -73,18 +72,19 @@ class ModelInventory:
         return max(self.params, key=lambda p: p.numel)
 
 
-def _block_index(name: str) -> int | None:
+def fsdp_unit(name: str) -> int | None:
+    """The FSDP unit that owns a parameter: its block index, or None for the root."""
     parts = name.split(".")
     return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
 
 
 def inventory(model: nn.Module) -> ModelInventory:
     """Names, shapes and trainability of a (meta) model's parameters and persistent buffers."""
-    params = [TensorInfo(n, tuple(p.shape), p.element_size(), p.requires_grad, _block_index(n))
+    params = [TensorInfo(n, tuple(p.shape), p.element_size(), p.requires_grad, fsdp_unit(n))
               for n, p in model.named_parameters()]
     # Every buffer occupies device memory; only persistent ones are checkpointed.
     persistent = set(model.state_dict().keys())
-    buffers = [TensorInfo(n, tuple(b.shape), b.element_size(), False, _block_index(n))
+    buffers = [TensorInfo(n, tuple(b.shape), b.element_size(), False, fsdp_unit(n))
                for n, b in model.named_buffers()]
     return ModelInventory(params=params, buffers=buffers, num_blocks=len(getattr(model, "blocks", [])),
                           persistent_buffers=[b for b in buffers if b.name in persistent])

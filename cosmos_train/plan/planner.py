@@ -6,7 +6,8 @@ Per rank, the step goes through phases; the peak is the largest:
              + video, latent and tokenizer temporaries (traced).
 - forward:   model states + FSDP2 all-gather buffers + the traced forward peak.
 - backward:  model states + FSDP2 buffers (the gathered block and the prefetched one) + the
-             traced backward peak (which includes the sharded gradients as they appear).
+             traced backward peak (which includes the sharded gradients as they appear), or the
+             moment of a reduce-scatter, whichever is higher.
 - optimizer: model states with gradients + the optimizer's temporaries (non-fused AdamW: two
              tensors of the largest shard; fused: none) + the batch still referenced.
 
@@ -14,9 +15,11 @@ FSDP2 buffers, per rank, in the compute dtype: the root's own parameters stay ga
 the whole step (FSDP2 never reshards the root after forward); one block is gathered while the
 next one's all-gather is in flight (FSDP2 prefetches one block in backward; in forward the
 overlap exists on CUDA only, where the CPU runs ahead of the device); `reshard_after_forward =
-false` keeps every block gathered from its forward to its backward. A block's reduce-scatter
-buffers (its unsharded gradients, the padded reduce-dtype input, the shard) exist after its
-backward has resharded its parameters and freed its activations, so they are not at the peak.
+false` keeps every block gathered from its forward to its backward. When a block's last
+gradient arrives, FSDP2 reshards it and reduce-scatters: its unsharded gradients (compute
+dtype), the padded reduce-dtype input and the output shard exist at once, with only the
+prefetched block still gathered; the trace notes that moment (`reduce_scatter_peak`) and the
+backward phase takes the larger of the two. On one rank FSDP2 needs no reduce-scatter buffers.
 
 Not on the device: loading `load_path` (rank 0 memory-maps the file; every rank receives one
 full tensor at a time, a `load` phase of its own) and async checkpoint staging (host memory
@@ -138,7 +141,20 @@ def latent_and_video_shapes(spec: ExperimentSpec, latent_channels: int):
     return latent, video
 
 
-def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_dtype, ac: bool) -> ActivationTrace:
+def _reduce_scatter_bytes(inv: ModelInventory, shard: int, pbytes: int, rbytes: int) -> dict[int | None, int]:
+    """Per FSDP unit: what its reduce-scatter holds at once (module docstring); nothing on one rank."""
+    if shard == 1:  # FSDP2 uses the gradients as they are: no reduce-scatter buffers
+        return {}
+    out: dict[int | None, int] = {}
+    for p in inv.params:
+        if p.trainable:
+            padded = p.shard_numel(shard) * shard
+            out[p.block] = out.get(p.block, 0) + p.numel * pbytes + padded * rbytes + padded // shard * rbytes
+    return out
+
+
+def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_dtype, ac: bool,
+           reduce_scatter: dict[int | None, int]) -> ActivationTrace:
     """Trace the step; for deep models trace 2 and 3 blocks and extrapolate linearly."""
     from cosmos_train.models.tokenizer import build_tokenizer
 
@@ -152,6 +168,7 @@ def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_
         s = spec if num_blocks is None else with_overrides(spec, [f"model.architecture.num_blocks={num_blocks}"])
         return trace_step(meta_model(s), latent_shape=latent, video_shape=video, tokenizer=tokenizer,
                           param_dtype=param_dtype, grad_shard_bytes=grad_bytes,
+                          reduce_scatter_bytes=reduce_scatter,
                           num_condition_frames=spec.model.num_condition_frames, activation_checkpointing=ac,
                           cp=par.cp, cp_mode=par.cp_mode, a2a_degree=par.cp_a2a_degree)
 
@@ -161,7 +178,7 @@ def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_
     a, b = (run(k) for k in TRACE_BLOCKS)
     steps = n - TRACE_BLOCKS[1]
     return ActivationTrace(**{f: getattr(b, f) + steps * (getattr(b, f) - getattr(a, f))
-                              if f in ("forward_peak", "saved", "backward_peak") else getattr(b, f)
+                              if f in ("forward_peak", "saved", "backward_peak", "reduce_scatter_peak") else getattr(b, f)
                               for f in ActivationTrace.__dataclass_fields__})
 
 
@@ -178,8 +195,10 @@ def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan
     param_dtype, reduce_dtype = mixed_precision_dtypes(spec.trainer.precision, hw.device_type)
     pbytes, rbytes = torch.finfo(param_dtype).bits // 8, torch.finfo(reduce_dtype).bits // 8
     ac = spec.parallel.activation_checkpointing
-    tr = _trace(spec, inv, shard=shard, param_dtype=param_dtype, ac=ac)
-    other = _trace(spec, inv, shard=shard, param_dtype=param_dtype, ac=not ac).saved if compare_ac else 0
+    rs = _reduce_scatter_bytes(inv, shard, pbytes, rbytes)
+    tr = _trace(spec, inv, shard=shard, param_dtype=param_dtype, ac=ac, reduce_scatter=rs)
+    other = (_trace(spec, inv, shard=shard, param_dtype=param_dtype, ac=not ac, reduce_scatter=rs).saved
+             if compare_ac else 0)
 
     # FSDP2 buffers (module docstring).
     blocks = range(inv.num_blocks)
@@ -195,6 +214,21 @@ def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan
         fsdp_forward, fsdp_backward = root + (1 + ahead) * block, root + 2 * block
     else:
         fsdp_forward = fsdp_backward = root + inv.num_blocks * block
+    if shard > 1:
+        # FSDP2 keeps references that defer frees (torch's _fsdp_param_group.py): in forward the
+        # last all-gather result (a block's padded flat buffer) until the next copy-out
+        # (`all_gather_state`), also during activation-checkpointing recomputes, which run the
+        # forward hooks again; in backward the last reduce-scatter input (`reduce_scatter_states`,
+        # one buffer by default) until the next unit's reduce-scatter.
+        padded = max((sum(p.shard_numel(shard) * shard for p in inv.block_params(i)) for i in blocks), default=0)
+        padded_train = max((sum(p.shard_numel(shard) * shard for p in inv.block_params(i) if p.trainable)
+                            for i in blocks), default=0)
+        fsdp_forward += padded * pbytes
+        fsdp_backward += padded_train * rbytes + (padded * pbytes if ac else 0)
+    # At a reduce-scatter the unit is resharded; the prefetched one (or, without reshard_after_forward,
+    # every block not yet reached by backward) is still gathered.
+    fsdp_reduce = root + (block if spec.parallel.reshard_after_forward else (inv.num_blocks - 1) * block)
+
     trainable = [p for p in inv.params if p.trainable]
     largest = max((p.shard_numel(shard) for p in trainable), default=0) * FP32
     fused = spec.optimizer.fused == "on" or (spec.optimizer.fused == "auto" and hw.device_type == "cuda")
@@ -209,7 +243,7 @@ def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan
     phases = {
         "encode": no_grads + tr.encode_peak,
         "forward": no_grads + fsdp_forward + tr.forward_peak,
-        "backward": no_grads + fsdp_backward + tr.backward_peak,
+        "backward": no_grads + max(fsdp_backward + tr.backward_peak, fsdp_reduce + tr.reduce_scatter_peak),
         "optimizer": states.total + on_device_staging + optimizer_transient + tr.batch,
     }
     largest_full = max(p.numel for p in inv.params) * FP32

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from cosmos_train.models.diffusion import training_loss
 from cosmos_train.plan import standins
+from cosmos_train.plan.model_states import fsdp_unit
 from cosmos_train.runtime.fsdp import apply_activation_checkpointing
 
 TEXT_TOKENS = 512  # the data pipeline pads every T5 embedding to 512 tokens
@@ -46,6 +47,7 @@ class LiveBytes(TorchDispatchMode):
         self.tensors = 0
         self.extra = 0
         self.peak = 0
+        self.spike_peak = 0  # highest level + spike seen by `spike`
 
     @property
     def level(self) -> int:
@@ -62,6 +64,11 @@ class LiveBytes(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.level
+        self.spike_peak = 0
+
+    def spike(self, nbytes: int) -> None:
+        """Note a transient of `nbytes` (not a traced tensor) on top of the current level."""
+        self.spike_peak = max(self.spike_peak, self.level + nbytes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -86,6 +93,7 @@ class ActivationTrace:
     forward_peak: int
     saved: int  # alive at the end of the forward: the saved activations (plus the batch)
     backward_peak: int  # includes the sharded gradients as they appear
+    reduce_scatter_peak: int  # level + a unit's reduce-scatter buffers, when its last gradient arrives
     attention_workspace: int  # peak of one self-attention call minus what it saves
 
 
@@ -124,11 +132,15 @@ def _attention_workspace(attn: nn.Module, shape: tuple[int, ...], dtype: torch.d
 
 def trace_step(model: nn.Module, *, latent_shape: tuple[int, ...], video_shape: tuple[int, ...] | None,
                tokenizer, param_dtype: torch.dtype, grad_shard_bytes: dict[str, int],
+               reduce_scatter_bytes: dict[int | None, int],
                num_condition_frames: int, activation_checkpointing: bool, cp: int, cp_mode: str,
                a2a_degree: int) -> ActivationTrace:
     """Trace one micro-batch of `model` (a meta DiT as `build_dit` returns it; modified in place).
 
     `grad_shard_bytes`: FQN -> bytes of that parameter's sharded gradient on this rank.
+    `reduce_scatter_bytes`: FSDP unit (block index, None for the root) -> bytes its reduce-scatter
+    holds at once (unsharded gradients, input and output buffers); noted when the unit's last
+    gradient arrives, which is when FSDP2 reduces it.
     `video_shape`: uint8 (B, 3, T, H, W) fed to `tokenizer.encode`, or None to start from the latent.
     """
     install_standins(model, cp=cp, cp_mode=cp_mode, a2a_degree=a2a_degree)
@@ -138,9 +150,19 @@ def trace_step(model: nn.Module, *, latent_shape: tuple[int, ...], video_shape: 
     ignore = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     mem = LiveBytes(ignore)
 
+    pending: dict[int | None, int] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            pending[fsdp_unit(n)] = pending.get(fsdp_unit(n), 0) + 1
+
     def drop_grad(name: str):
+        unit = fsdp_unit(name)
+
         def hook(p: torch.Tensor) -> None:
             p.grad = None  # FSDP2 frees the unsharded gradient after its reduce-scatter
+            pending[unit] -= 1
+            if pending[unit] == 0:
+                mem.spike(reduce_scatter_bytes.get(unit, 0))
             mem.add_extra(grad_shard_bytes.get(name, 0))
         return hook
 
@@ -168,7 +190,7 @@ def trace_step(model: nn.Module, *, latent_shape: tuple[int, ...], video_shape: 
             forward_peak, saved = mem.peak, mem.level
             mem.reset_peak()
             (loss * cp).backward()
-            backward_peak = mem.peak
+            backward_peak, rs_peak = mem.peak, mem.spike_peak
     finally:
         for h in handles:
             h.remove()
@@ -177,4 +199,5 @@ def trace_step(model: nn.Module, *, latent_shape: tuple[int, ...], video_shape: 
     attn_shape = (B, s_local, cfg.num_heads, cfg.head_dim)
     workspace = _attention_workspace(model.blocks[0].self_attn.attn_op, attn_shape, param_dtype)
     return ActivationTrace(encode_peak=encode_peak, batch=batch, forward_peak=forward_peak, saved=saved,
-                           backward_peak=backward_peak, attention_workspace=workspace)
+                           backward_peak=backward_peak, reduce_scatter_peak=rs_peak, attention_workspace=workspace)
+

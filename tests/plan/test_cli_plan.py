@@ -63,3 +63,10 @@ def test_parse_size():
     assert parse_size("80GiB") == 80 << 30
     assert parse_size("141GB") == 141 * 10**9
     assert parse_size("24 gib") == 24 << 30
+
+
+def test_measure_disk_writes_and_removes_its_probe(tmp_path):
+    from cosmos_train.plan.disk import measure_write_gbps
+
+    assert measure_write_gbps(tmp_path, mib=2) > 0
+    assert list(tmp_path.iterdir()) == []
