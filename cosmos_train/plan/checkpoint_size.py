@@ -3,7 +3,7 @@
 Parts follow `checkpoint.manager.Checkpointer._state_dicts`: `model` holds `net.<fqn>` for every
 parameter and persistent buffer and, with EMA, `net_ema.<fqn>` for the same keys (the EMA of a
 frozen LoRA base weight is the weight itself, but it is saved under its own key all the same);
-`save_adapters_only` keeps only the `lora_` keys. `optim` holds AdamW's two fp32 moments per
+`save_adapters_only` keeps only the adapter keys (`models.lora_keys.is_lora_key`). `optim` holds AdamW's two fp32 moments per
 trainable tensor and its `step` scalar. DCP writes each shard once (replicas deduplicated), so a
 rank writes about total / world.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cosmos_train.models.lora_keys import is_lora_key
 from cosmos_train.plan.model_states import ADAM_STEP_BYTES, FP32, ModelInventory
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -54,7 +55,7 @@ def _trainer_bytes_per_rank() -> int:
 def checkpoint_size(inv: ModelInventory, *, ema: bool, lora_only: bool, world: int, nodes: int,
                     disk_gbps: float) -> CheckpointSize:
     """Sizes of one checkpoint of this model (see the module docstring)."""
-    keep = (lambda name: "lora_" in name) if lora_only else (lambda name: True)
+    keep = is_lora_key if lora_only else (lambda name: True)
     tensors = [t for t in (*inv.params, *inv.persistent_buffers) if keep(t.name)]
     model = sum(t.numel * t.element_size for t in tensors)
     trainable = [p for p in inv.params if p.trainable]
@@ -72,7 +73,7 @@ def consolidated_sizes(inv: ModelInventory, *, lora: bool) -> dict[str, dict[str
     and `adapter` (`--adapter-only`). Buffers keep their own dtype.
     """
     buffers = sum(b.numel * b.element_size for b in inv.persistent_buffers)
-    lora_numel = sum(p.numel for p in inv.params if "lora_" in p.name)
+    lora_numel = sum(p.numel for p in inv.params if is_lora_key(p.name))
     out: dict[str, dict[str, int]] = {}
     for dtype, size in DTYPE_BYTES.items():
         row = {"model": inv.num_params * size + buffers, "both": 2 * (inv.num_params * size + buffers)}
