@@ -177,9 +177,9 @@ def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_
         return run(None)
     a, b = (run(k) for k in TRACE_BLOCKS)
     steps = n - TRACE_BLOCKS[1]
-    return ActivationTrace(**{f: getattr(b, f) + steps * (getattr(b, f) - getattr(a, f))
-                              if f in ("forward_peak", "saved", "backward_peak", "reduce_scatter_peak") else getattr(b, f)
-                              for f in ActivationTrace.__dataclass_fields__})
+    per_block = ("forward_peak", "saved", "backward_peak", "reduce_scatter_peak")
+    return ActivationTrace(**{f: getattr(b, f) + steps * (getattr(b, f) - getattr(a, f)) if f in per_block
+                              else getattr(b, f) for f in ActivationTrace.__dataclass_fields__})
 
 
 def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan:
