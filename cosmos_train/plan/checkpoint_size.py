@@ -4,8 +4,7 @@ Parts follow `checkpoint.manager.Checkpointer._state_dicts`: `model` holds `net.
 parameter and persistent buffer and, with EMA, `net_ema.<fqn>` for the same keys (the EMA of a
 frozen LoRA base weight is the weight itself, but it is saved under its own key all the same);
 `save_adapters_only` keeps only the adapter keys (`models.lora_keys.is_lora_key`).
-`optim` holds AdamW's two fp32 moments per
-trainable tensor and its `step` scalar. DCP writes each shard once (replicas deduplicated), so a
+`optim` holds AdamW's two fp32 moments per trainable tensor and its `step` scalar. DCP writes each shard once (replicas deduplicated), so a
 rank writes about total / world.
 """
 
