@@ -29,6 +29,7 @@ from cosmos_train.models.diffusion import training_loss
 from cosmos_train.models.ema import PowerEMA
 from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.optim import build_optimizer, build_scheduler
+from cosmos_train.plan.startup import log_startup_plan
 from cosmos_train.preemption import Preemption
 from cosmos_train.run_dir import prepare_run_dir
 from cosmos_train.runtime.distributed import configure_logging, distributed, log
@@ -122,6 +123,7 @@ def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_ch
         run_dir = Path(run_dir) if run_dir is not None else spec.run_dir()
         if info.is_main:
             prepare_run_dir(spec, run_dir)
+            log_startup_plan(spec, world=info.world_size, device=info.device)
         dist.barrier()
         return _train(spec, dims, info.device, run_dir, require_checkpoint=require_checkpoint,
                       is_main=info.is_main, show_progress=show_progress)

@@ -34,3 +34,25 @@ def startup_plan(spec: ExperimentSpec, *, world: int, local_ranks: int, device: 
         return plan(spec, hw, compare_ac=False)
     finally:
         logger.setLevel(level)
+
+
+def log_startup_plan(spec: ExperimentSpec, *, world: int, device: torch.device) -> Plan | None:
+    """Log the plan's one-line summary (a warning when it says the run will not fit); rank 0 calls it.
+
+    The plan is advice: if it cannot be computed the run goes on, with a warning that names the
+    exception's type and message.
+    """
+    from cosmos_train.runtime.distributed import log, warn
+
+    local_ranks = torch.cuda.device_count() if device.type == "cuda" else world
+    try:
+        p = startup_plan(spec, world=world, local_ranks=local_ranks, device=device)
+    except Exception as e:  # noqa: BLE001 -- advice must never stop a run; the warning names the failure
+        warn(f"plan: not computed ({type(e).__name__}: {e})")
+        return None
+    if p.fits:
+        log(p.summary())
+    else:
+        fix = "" if p.verdict == "tight" else " (`cosmos-train plan SPEC` lists changes that fit)"
+        warn(f"{p.summary()} — this run is likely to run out of memory{fix}")
+    return p
