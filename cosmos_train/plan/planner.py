@@ -207,8 +207,7 @@ def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan
     # Blocks gathered at once: the running one and the next one (on CUDA the CPU issues the next
     # all-gather while the device still computes; on CPU forward is synchronous), all of them
     # between forward and backward without reshard_after_forward. Backward prefetches one block.
-    # The reduce-scatter buffers of a block exist after its backward has freed its activations
-    # and resharded its parameters, so they do not add to the backward peak.
+    # A unit's reduce-scatter moment is in the trace (`reduce_scatter_peak`, `fsdp_reduce` below).
     ahead = 1 if hw.device_type == "cuda" else 0
     if spec.parallel.reshard_after_forward:
         fsdp_forward, fsdp_backward = root + (1 + ahead) * block, root + 2 * block
@@ -247,13 +246,16 @@ def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan
         "optimizer": states.total + on_device_staging + optimizer_transient + tr.batch,
     }
     largest_full = max(p.numel for p in inv.params) * FP32
-    load_transient = largest_full if spec.checkpoint.load_path else 0
+    load_path = spec.checkpoint.load_path
+    # A consolidated file is broadcast one full tensor at a time; a DCP directory is read by shard.
+    from_file = bool(load_path) and load_path.rstrip("/").endswith((".pt", ".pth", ".safetensors"))
+    load_transient = largest_full if from_file else 0
     notes = []
     if spec.model.tokenizer.kind != "space_to_depth":
         notes.append(f"tokenizer {spec.model.tokenizer.kind}: VAE weights and encode workspace not modeled "
                      "(the VAE is not bundled yet); the latent and text embedding are counted")
     notes.append("text encoder: embeddings are precomputed (t5_xxl), nothing on the device")
-    if load_path := spec.checkpoint.load_path:
+    if from_file:
         notes.append(f"load_path {load_path}: rank 0 memory-maps the file (host page cache); every rank "
                      f"receives one full fp32 tensor at a time (+{largest_full / GiB:.2f} GiB, before training)")
     if spec.checkpoint.async_mode != "off":
