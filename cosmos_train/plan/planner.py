@@ -28,7 +28,9 @@ of the rank's shard; on a CPU run host memory is the device, so it is added to e
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -182,12 +184,30 @@ def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_
                               else getattr(b, f) for f in ActivationTrace.__dataclass_fields__})
 
 
+@contextmanager
+def _quiet_build_logs():
+    """The meta builds log what a real build logs (attention backend, LoRA summary, AC applied);
+    in a plan that is noise, so the package logger shows warnings only while planning."""
+    logger = logging.getLogger("cosmos_train")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool = True) -> Plan:
     """Plan `spec` on `hw` (no fixes: see `fixes.find_fixes`).
 
     `compare_ac=False` skips the second trace (activation checkpointing toggled), whose
     figure is only reported for comparison; `saved_other_ac` is then 0.
     """
+    with _quiet_build_logs():
+        return _plan(spec, hw, compare_ac=compare_ac)
+
+
+def _plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool) -> Plan:
     dims = build_parallel_dims(spec.parallel, hw.world)
     inv = inventory(meta_model(spec))
     shard = dims.fsdp_size

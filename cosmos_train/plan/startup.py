@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -19,21 +18,10 @@ def device_memory(device: torch.device, local_ranks: int) -> int:
 
 
 def startup_plan(spec: ExperimentSpec, *, world: int, local_ranks: int, device: torch.device) -> Plan:
-    """Plan the run as it is about to start (no fix search, no AC comparison: it must be quick).
-
-    The planner builds the model on the meta device through the training code, which logs its
-    own lines (attention backend, LoRA summary); they are muted here so the run log shows
-    them once, for the real model.
-    """
+    """Plan the run as it is about to start (no fix search, no AC comparison: it must be quick)."""
     hw = Hardware(world=world, gpus_per_node=min(local_ranks, world), gpu_mem=device_memory(device, local_ranks),
                   device_type=device.type)
-    logger = logging.getLogger("cosmos_train")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        return plan(spec, hw, compare_ac=False)
-    finally:
-        logger.setLevel(level)
+    return plan(spec, hw, compare_ac=False)
 
 
 def log_startup_plan(spec: ExperimentSpec, *, world: int, device: torch.device) -> Plan | None:

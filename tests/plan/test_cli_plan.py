@@ -16,7 +16,7 @@ runner = CliRunner()
 def _json(args):
     r = runner.invoke(app, ["plan", TINY, 'trainer.device="cpu"', *args, "--json"])
     assert r.exit_code == 0, r.output
-    return json.loads(r.output)
+    return json.loads(r.stdout)  # stdout only: log lines go to stderr
 
 
 def test_plan_json_fits_and_reports_every_part():
