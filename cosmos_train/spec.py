@@ -17,7 +17,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cosmos_train.errors import SpecError
-from cosmos_train.models.presets import PRESETS, DiTConfig
+from cosmos_train.presets import PRESETS, DiTConfig
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj", "mlp.layer1", "mlp.layer2"]
 OUTPUT_ROOT_ENV = "COSMOS_TRAIN_OUTPUT_ROOT"
@@ -105,17 +105,29 @@ class ModelSpec(_Section):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (train_architecture = 'lora').")
     ema: EmaSpec = Field(default_factory=EmaSpec, description="EMA settings.")
     num_condition_frames: int = Field(
-        1, ge=1, description="Clean latent frames that condition Video2World (upstream: 1 or 2); no loss on them.")
+        1, ge=1, description="Clean latent frames that condition sampling (infer) and the validation loss.")
+    min_num_condition_frames: int = Field(
+        1, ge=0, description="Training: fewest clean condition latent frames, drawn per sample (upstream 1).")
+    max_num_condition_frames: int = Field(
+        2, ge=0, description="Training: most clean condition latent frames, drawn per sample (upstream 2).")
 
     def dit_config(self) -> DiTConfig:
         """The preset with the architecture overrides applied."""
         return PRESETS[self.preset].with_overrides(**self.architecture.model_dump())
+
+    @property
+    def train_condition_frames(self) -> tuple[int, int]:
+        """(min, max) clean condition latent frames of a training sample, drawn uniformly per sample."""
+        return self.min_num_condition_frames, self.max_num_condition_frames
 
     @model_validator(mode="after")
     def _lora_only_with_lora(self) -> "ModelSpec":
         if self.train_architecture != "lora" and self.lora != LoraSpec():
             raise ValueError("[lora] settings given but train_architecture is 'full'; "
                              "set model.train_architecture = \"lora\" or remove [model.lora]")
+        if self.min_num_condition_frames > self.max_num_condition_frames:
+            raise ValueError(f"min_num_condition_frames {self.min_num_condition_frames} is above "
+                             f"max_num_condition_frames {self.max_num_condition_frames}")
         cfg = self.dit_config()
         if cfg.model_channels % cfg.num_heads:
             raise ValueError(f"model_channels {cfg.model_channels} is not divisible by num_heads {cfg.num_heads}")
@@ -179,7 +191,8 @@ class OptimizerSpec(_Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    fused: Literal["auto", "on", "off"] = Field("auto", description="Fused AdamW: auto = on when on CUDA.")
+    fused: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused AdamW: auto = on (CPU and CUDA); it skips a non-finite step without a host sync.")
 
     @field_validator("betas")
     @classmethod
@@ -214,7 +227,9 @@ class SchedulerSpec(_Section):
 # ----------------------------------------------------------------------- trainer
 class TrainerSpec(_Section):
     max_iter: int = Field(1000, gt=0, description="Optimizer steps of the run.")
-    logging_iter: int = Field(10, gt=0, description="Log every this many steps.")
+    logging_iter: int = Field(10, gt=0, description="Log every this many steps (losses are reduced only then).")
+    signal_check_iter: int = Field(
+        10, gt=0, description="Ranks agree on a SIGTERM/SIGINT every this many steps (and at logging steps).")
     grad_accum_iter: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
     validation_iter: int = Field(0, ge=0, description="Validation loss every this many steps (0 = off).")
@@ -253,7 +268,8 @@ class ParallelSpec(_Section):
 class CheckpointSpec(_Section):
     save_iter: int = Field(500, gt=0, description="Save every this many steps (and at the end).")
     load_path: str | None = Field(
-        None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir or hf://org/repo/file.")
+        None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir, diffusers transformer "
+                          "folder, hf://org/repo/file or hf://org/repo (a diffusers repo: its transformer/).")
     load_training_state: bool = Field(False, description="Also load optimizer/scheduler/trainer from load_path.")
     strict_resume: bool = Field(True, description="Missing or unexpected keys are an error.")
     keys_not_to_resume: list[str] = Field(
@@ -291,6 +307,9 @@ class ExperimentSpec(_Section):
         if self.model.num_condition_frames >= latent_t:
             raise ValueError(f"model.num_condition_frames: must be below the latent frame count {latent_t} "
                              f"(data.num_frames {self.data.num_frames}) (got {self.model.num_condition_frames})")
+        if self.model.max_num_condition_frames >= latent_t:
+            raise ValueError(f"model.max_num_condition_frames: must be below the latent frame count {latent_t} "
+                             f"(data.num_frames {self.data.num_frames}) (got {self.model.max_num_condition_frames})")
         heads = self.model.dit_config().num_heads
         if self.parallel.cp_mode == "a2a" and heads % cp:
             raise ValueError(f"parallel.cp: cp_mode 'a2a' needs num_heads ({heads}) divisible by cp (got {cp})")
@@ -315,11 +334,14 @@ class ExperimentSpec(_Section):
                                  f"patch_spatial = {f} (got {list(self.data.video_size)})")
         return self
 
-    def run_dir(self, env: dict[str, str] | None = None) -> Path:
-        """`{output_root}/{project}/{group}/{name}`; output_root from the spec, env, or ./outputs."""
+    def output_root(self, env: dict[str, str] | None = None) -> Path:
+        """`job.output_root`, else `$COSMOS_TRAIN_OUTPUT_ROOT` (from `env`, default os.environ), else ./outputs."""
         env = os.environ if env is None else env
-        root = self.job.output_root or env.get(OUTPUT_ROOT_ENV) or "outputs"
-        return Path(root) / self.job.project / self.job.group / self.job.name
+        return Path(self.job.output_root or env.get(OUTPUT_ROOT_ENV) or "outputs")
+
+    def run_dir(self, env: dict[str, str] | None = None) -> Path:
+        """`{output_root}/{project}/{group}/{name}` (see `cosmos_train.run_dir` for what is inside)."""
+        return self.output_root(env) / self.job.project / self.job.group / self.job.name
 
     def to_toml(self) -> str:
         """The resolved spec as TOML; `load_spec_text` of it gives back an equal spec."""

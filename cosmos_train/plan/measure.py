@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from cosmos_train.models.diffusion import training_loss
 from cosmos_train.models.ema import PowerEMA
 from cosmos_train.models.tokenizer import build_tokenizer
-from cosmos_train.optim import build_optimizer
-from cosmos_train.runtime.fsdp import clip_grad_norm
+from cosmos_train.optim import build_optimizer, step_unless_nonfinite
+from cosmos_train.runtime.fsdp import clip_grad_norm, mixed_precision_dtypes
 from cosmos_train.runtime.mesh import ParallelDims
 from cosmos_train.spec import ExperimentSpec
 
@@ -32,12 +32,20 @@ STEP_MARK = "plan_measured_step"
 
 
 def _steps(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, mark) -> None:
-    from cosmos_train.runtime.parallelize import build_dit, parallelize
+    from cosmos_train.models.parallelize import build_dit, parallelize_dit
 
-    model = parallelize(build_dit(spec, device_type=device.type), spec, dims, device=device)
+    # As Trainer.__init__ and Trainer.step do (train.py), without the data loader and checkpointer.
+    tr, par = spec.trainer, spec.parallel
+    lora = spec.model.lora if spec.model.train_architecture == "lora" else None
+    model = build_dit(spec.model.dit_config(), attention=par.attention, device_type=device.type, lora=lora)
+    param_dtype, reduce_dtype = mixed_precision_dtypes(tr.precision, device.type)
+    model = parallelize_dit(model, dims, device=device, seed=spec.job.seed, param_dtype=param_dtype,
+                            reduce_dtype=reduce_dtype, cp_mode=par.cp_mode,
+                            activation_checkpointing=par.activation_checkpointing,
+                            reshard_after_forward=par.reshard_after_forward)
     ema = PowerEMA(model, s=spec.model.ema.s) if spec.model.ema.enabled else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(spec.optimizer, params, device_type=device.type)
+    optimizer = build_optimizer(spec.optimizer, params)
     tokenizer = build_tokenizer(spec.model.tokenizer)
     d = spec.data
     generator = torch.Generator().manual_seed(0)
@@ -50,14 +58,13 @@ def _steps(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, mark)
             del video
             emb = torch.randn(d.batch_size, 512, spec.model.dit_config().context_dim, generator=generator).to(device)
             loss, _ = training_loss(model, latent, emb, None, generator=generator,
-                                    num_condition_frames=spec.model.num_condition_frames,
+                                    num_condition_frames=spec.model.train_condition_frames,
                                     text_dropout=d.text_dropout, loss_scale=spec.trainer.loss_scale)
             (loss * dims.cp).backward()
-            clip_grad_norm(params, spec.trainer.grad_clip)
-            optimizer.step()
+            step_unless_nonfinite(optimizer, clip_grad_norm(params, spec.trainer.grad_clip))
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(model, step)
+                ema.update(model, step - 1)
             del latent, emb, loss
 
 

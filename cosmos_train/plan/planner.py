@@ -128,9 +128,10 @@ def meta_model(spec: ExperimentSpec):
     The attention kernels own no parameters, so SDPA is asked for here: the planner must not
     need Transformer Engine installed to plan a run that will use it.
     """
-    from cosmos_train.runtime.parallelize import build_dit
+    from cosmos_train.models.parallelize import build_dit
 
-    return build_dit(with_overrides(spec, ["parallel.attention=\"sdpa\""]), device_type="cpu")
+    lora = spec.model.lora if spec.model.train_architecture == "lora" else None
+    return build_dit(spec.model.dit_config(), attention="sdpa", device_type="cpu", lora=lora)
 
 
 def latent_and_video_shapes(spec: ExperimentSpec, latent_channels: int):
@@ -171,7 +172,7 @@ def _trace(spec: ExperimentSpec, inv_full: ModelInventory, *, shard: int, param_
         return trace_step(meta_model(s), latent_shape=latent, video_shape=video, tokenizer=tokenizer,
                           param_dtype=param_dtype, grad_shard_bytes=grad_bytes,
                           reduce_scatter_bytes=reduce_scatter,
-                          num_condition_frames=spec.model.num_condition_frames, activation_checkpointing=ac,
+                          num_condition_frames=spec.model.train_condition_frames, activation_checkpointing=ac,
                           cp=par.cp, cp_mode=par.cp_mode, a2a_degree=par.cp_a2a_degree)
 
     n = cfg.num_blocks
@@ -250,7 +251,7 @@ def _plan(spec: ExperimentSpec, hw: Hardware, *, compare_ac: bool) -> Plan:
 
     trainable = [p for p in inv.params if p.trainable]
     largest = max((p.shard_numel(shard) for p in trainable), default=0) * FP32
-    fused = spec.optimizer.fused == "on" or (spec.optimizer.fused == "auto" and hw.device_type == "cuda")
+    fused = spec.optimizer.fused != "off"  # optim.build_optimizer: torch's fused AdamW on CPU and CUDA
     optimizer_transient = (0 if fused else 2 * largest) + largest  # + clip_grad_norm's squares of one shard
 
     ckpt = checkpoint_size(inv, ema=spec.model.ema.enabled, world=hw.world, nodes=hw.nodes, disk_gbps=hw.disk_gbps,

@@ -133,7 +133,7 @@ def _attention_workspace(attn: nn.Module, shape: tuple[int, ...], dtype: torch.d
 def trace_step(model: nn.Module, *, latent_shape: tuple[int, ...], video_shape: tuple[int, ...] | None,
                tokenizer, param_dtype: torch.dtype, grad_shard_bytes: dict[str, int],
                reduce_scatter_bytes: dict[int | None, int],
-               num_condition_frames: int, activation_checkpointing: bool, cp: int, cp_mode: str,
+               num_condition_frames: int | tuple[int, int], activation_checkpointing: bool, cp: int, cp_mode: str,
                a2a_degree: int) -> ActivationTrace:
     """Trace one micro-batch of `model` (a meta DiT as `build_dit` returns it; modified in place).
 
