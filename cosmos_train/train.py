@@ -35,6 +35,7 @@ from cosmos_train.runtime.distributed import configure_logging, distributed, log
 from cosmos_train.runtime.fsdp import clip_grad_norm, set_gradient_sync
 from cosmos_train.runtime.mesh import ParallelDims, build_parallel_dims
 from cosmos_train.runtime.parallelize import build_dit, parallelize
+from cosmos_train.samples import TrainingSamples
 from cosmos_train.spec import ExperimentSpec
 from cosmos_train.train_log import TrainLog
 
@@ -145,6 +146,10 @@ def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_d
     if tr.validation_iter and spec.data.validation_clips:
         val_loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
                                       seed=spec.job.seed, cache_dir=cache_dir, split="val")
+    samples = None
+    if tr.sample_iter:  # inputs are read now: a missing file fails before training starts
+        samples = TrainingSamples(spec, run_dir, tokenizer=tokenizer, device=device, dp_rank=dims.dp_rank,
+                                  dp_size=dims.dp_size, cp_rank=dims.cp_rank, cache_dir=cache_dir)
     generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, dims.dp_rank))
     state = TrainerState(seed=spec.job.seed, generator=generator, sampler=loader)
     lora_only = spec.model.train_architecture == "lora" and spec.checkpoint.save_adapters_only
@@ -166,7 +171,7 @@ def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_d
         try:
             with Preemption() as preemption:
                 _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenizer, loader, val_loader,
-                      generator, state, ckpt, tlog, preemption, result)
+                      generator, state, ckpt, tlog, preemption, result, samples=samples)
         finally:
             tlog.close()
         ckpt.save(result.end_step, force=True)
@@ -177,11 +182,12 @@ def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_d
 
 
 def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenizer, loader, val_loader,
-          generator, state, ckpt, tlog, preemption, result: TrainResult) -> None:
+          generator, state, ckpt, tlog, preemption, result: TrainResult, samples=None) -> None:
     tr = spec.trainer
     batches = _Batches(loader, tokenizer, device)
     samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
     window_loss, window_start, window_steps, window_saves = 0.0, time.perf_counter(), 0, len(ckpt.stats)
+    window_sample_s = 0.0
     for step in range(result.start_step, tr.max_iter):
         ckpt.check()  # a failed background save raises here, at the next step
         step_start = time.perf_counter()
@@ -214,15 +220,22 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
         result.step_seconds[done] = time.perf_counter() - step_start
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
         tlog.step(done, f"loss {loss_value:.4f}")
+        if samples is not None and samples.due(done):
+            report = samples.run(model, ema, done)
+            window_sample_s += report.seconds
+            tlog.write(done, {"seconds": report.seconds, "clips": len(samples.inputs)}, kind="sample")
+            tlog.media(done, videos=report.videos, images={"contact_sheet": report.sheet} if report.sheet else {})
 
         if done % tr.logging_iter == 0 or done == tr.max_iter:
-            elapsed = time.perf_counter() - window_start
+            elapsed = time.perf_counter() - window_start - window_sample_s  # sampling is not training time
             blocked = sum(s.blocking_s for s in ckpt.stats[window_saves:])
             tlog.write(done, {"loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
                               "iter_per_s": window_steps / elapsed,
                               "samples_per_s": window_steps * samples_per_step / elapsed,
-                              "ckpt_blocking_s": blocked, "peak_mem_gb": _peak_memory_gb(device)})
+                              "ckpt_blocking_s": blocked, "sample_s": window_sample_s,
+                              "peak_mem_gb": _peak_memory_gb(device)})
             window_loss, window_start, window_steps, window_saves = 0.0, time.perf_counter(), 0, len(ckpt.stats)
+            window_sample_s = 0.0
         if val_loader is not None and done % tr.validation_iter == 0:
             val = _validation_loss(model, val_loader, tokenizer, spec, device, dims.dp_rank)
             result.val_losses[done] = val
