@@ -150,20 +150,34 @@ def _swap(params: list[torch.Tensor], shadows: list[torch.Tensor]) -> None:
         s.copy_(tmp)
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """Free FSDP2's gathered parameters: the root keeps them after a forward (for the backward that
+    training would run next), and a later forward would reuse them instead of the sharded values."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @contextmanager
-def ema_weights(model: torch.nn.Module, ema) -> None:
-    """Hold the EMA weights in the model's parameters inside the block (swapped back exactly)."""
-    if ema is None:
-        yield
-        return
-    params = dict(model.named_parameters())
-    names = list(ema.shadow)
-    pairs = ([params[n] for n in names], [ema.shadow[n] for n in names])
-    _swap(*pairs)
+def sampling_weights(model: torch.nn.Module, ema) -> None:
+    """Sample inside the block (with the EMA weights unless `ema` is None); the training weights
+    come back exactly, and no gathered copy of either survives the block."""
+    pairs = None
+    if ema is not None:
+        params = dict(model.named_parameters())
+        names = list(ema.shadow)
+        pairs = ([params[n] for n in names], [ema.shadow[n] for n in names])
+    _reshard(model)
+    if pairs:
+        _swap(*pairs)
     try:
         yield
     finally:
-        _swap(*pairs)
+        _reshard(model)
+        if pairs:
+            _swap(*pairs)
 
 
 class TrainingSamples:
@@ -202,7 +216,7 @@ class TrainingSamples:
         rows: list[tuple[int, np.ndarray]] = []
         devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), ema_weights(model, ema if self.use_ema else None):
+            with torch.random.fork_rng(devices=devices), sampling_weights(model, ema if self.use_ema else None):
                 for i in self._mine():
                     frames = generate(model, self.tokenizer, self.inputs[max(i, 0)], num_frames=self.num_frames,
                                       num_condition_frames=self.k, steps=self.cfg.steps, guidance=self.cfg.guidance,
