@@ -96,21 +96,27 @@ class _Batches:
         return latent, batch["t5_text_embeddings"].to(self.device, non_blocking=True)
 
 
-def _validation_loss(model, val_loader, tokenizer, spec: ExperimentSpec, device, dp_rank: int) -> float:
-    """Mean diffusion loss over the held-out clips at the fixed `trainer.validation_sigmas`."""
+def _validation_loss(model, val_loader, tokenizer, spec: ExperimentSpec, device, dp_rank: int) -> dict[str, float]:
+    """Mean diffusion loss over the held-out clips, overall ("loss") and at each of the fixed
+    `trainer.validation_sigmas` ("loss_sigma_<sigma>")."""
     generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, dp_rank))
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    sigmas = spec.trainer.validation_sigmas
+    totals, batches = torch.zeros(len(sigmas), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in val_loader:
             latent = tokenizer.encode(batch["video"].to(device))
             emb = batch["t5_text_embeddings"].to(device)
-            for sigma in spec.trainer.validation_sigmas:
+            for i, sigma in enumerate(sigmas):
                 loss, _ = training_loss(model, latent, emb, None, generator=generator,
                                         num_condition_frames=spec.model.num_condition_frames, text_dropout=0.0,
                                         loss_scale=spec.trainer.loss_scale, sigma_override=sigma)
-                total += loss.double().cpu()
-                count += 1
-    return _mean_over_ranks(total / max(count, 1))
+                totals[i] += loss.double().cpu()
+            batches += 1
+    means = totals / max(batches, 1)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one reduction for every sigma
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
+    return {"loss": means.mean().item(), **{f"loss_sigma_{s:g}": v for s, v in zip(sigmas, means.tolist())}}
 
 
 def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_checkpoint: bool = False,
@@ -238,8 +244,8 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
             window_sample_s = 0.0
         if val_loader is not None and done % tr.validation_iter == 0:
             val = _validation_loss(model, val_loader, tokenizer, spec, device, dims.dp_rank)
-            result.val_losses[done] = val
-            tlog.write(done, {"loss": val, "sigmas": len(tr.validation_sigmas)}, kind="val")
+            result.val_losses[done] = val["loss"]
+            tlog.write(done, val, kind="val")
         if preemption.agreed(device):
             ckpt.save(done, force=True)
             result.preempted = True
