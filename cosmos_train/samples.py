@@ -86,6 +86,9 @@ def _dataset_clips(spec: ExperimentSpec, cache_dir: Path) -> list[tuple[object, 
                                split=split).dataset
     parts = dataset.datasets if isinstance(dataset, ConcatDatasets) else [dataset]
     clips = [(part, i) for part in parts for i in range(len(part))]
+    if len(clips) < spec.trainer.samples.num_clips:
+        log(f"trainer.samples.num_clips = {spec.trainer.samples.num_clips}, but the {split} split has "
+            f"{len(clips)} clips: sampling {len(clips)}")
     return clips[: spec.trainer.samples.num_clips]
 
 
@@ -208,6 +211,8 @@ class TrainingSamples:
 
     def run(self, model: torch.nn.Module, ema, step: int) -> SampleReport:
         """Generate, write the mp4s (cp-rank 0 of each dp group) and the contact sheet (rank 0)."""
+        if self.device.type == "cuda":  # queued training work finishes first: it is not sampling time
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         out = samples_dir(self.run_dir, step)
         out.mkdir(parents=True, exist_ok=True)
