@@ -130,3 +130,22 @@ def test_sample_inputs_from_files_and_clear_errors(tmp_path):
         small_spec(tmp_path, trainer={"samples": {"inputs": [{**given[0], "name": "../x"}]}})
     with pytest.raises(ValidationError, match="needs model.ema.enabled"):
         small_spec(tmp_path, trainer={"samples": {"weights": "ema"}}, model={"ema": {"enabled": False}})
+
+
+def test_a_training_sample_is_what_infer_makes_from_the_checkpoint(tmp_path):
+    from cosmos_train.data.loader import dataset_dirs
+    from cosmos_train.infer import InferenceRequest, infer
+
+    base = _spec(tmp_path, "same", max_iter=2)
+    (data_dir, _), = dataset_dirs(base.data, cache_dir=tmp_path)
+    frame = _decode(data_dir / "videos" / "clip_0001.mp4")[0]
+    Image.fromarray(frame).save(tmp_path / "first.png")
+    emb = f"{data_dir / 't5_xxl.zarr'}:clip_0001"
+    samples = {"steps": 3, "guidance": 3.0, "seed": 5, "weights": "regular",
+               "inputs": [{"name": "given", "input": str(tmp_path / "first.png"), "prompt_embedding": emb}]}
+    spec = _spec(tmp_path, "same", max_iter=2, sample_iter=2, samples=samples)
+    run = train(spec, show_progress=False)
+    out = infer(InferenceRequest(checkpoint=run.run_dir, input=tmp_path / "first.png", prompt_embedding=emb,
+                                 output=tmp_path / "infer.mp4", steps=3, guidance=3.0, seed=5, device="cpu"))
+    ours = run.run_dir / "samples" / "iter_000000002" / "given.mp4"
+    assert np.array_equal(_decode(ours), _decode(out))
