@@ -4,7 +4,7 @@ Reads `RUN_DIR/logs/metrics.jsonl` (the records `train_log.TrainLog` writes) and
 the step: the loss (raw and smoothed), the validation loss per sigma, the learning rate, the
 gradient norm, iter/s and the checkpoint blocking time. Several run dirs are overlaid, one
 colour per run. The `.html` form is one self-contained file (images embedded, no server, no
-script): the figure, then per run the latest contact sheet with links to its mp4s, and the
+script): the figure, then per run the newest contact sheets with links to their mp4s, and the
 checkpoint list (iteration, size, verified).
 
 matplotlib is an optional extra (`pip install 'cosmos-train[plot]'`); without it the command
@@ -141,11 +141,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------------------ html
-def latest_samples(run_dir: Path) -> Path | None:
-    """The newest RUN_DIR/samples/iter_* holding a contact sheet."""
+def latest_samples(run_dir: Path, count: int = 1) -> list[Path]:
+    """The newest `count` RUN_DIR/samples/iter_* dirs holding a contact sheet, newest first."""
     root = run_dir / SAMPLES_DIR
     dirs = sorted(p for p in root.glob("iter_*") if (p / SHEET_FILE).is_file()) if root.is_dir() else []
-    return dirs[-1] if dirs else None
+    return dirs[::-1][:count]
 
 
 @dataclass(frozen=True)
@@ -177,27 +177,27 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def _run_section(run: RunMetrics, out_dir: Path, *, checksums: bool) -> str:
+def _samples_html(sdir: Path, out_dir: Path) -> str:
+    e = html.escape
+    index = json.loads((sdir / INDEX_FILE).read_text()) if (sdir / INDEX_FILE).is_file() else {}
+    step = index.get("step", sdir.name)
+    items = []
+    for s in index.get("samples", []):
+        link = Path(os.path.relpath((sdir / s["video"]).resolve(), out_dir.resolve())).as_posix()
+        items.append(f'<li><a href="{e(link)}">{e(s["name"])}.mp4</a> seed {int(s["seed"])}'
+                     + (f" — {e(s['caption'])}" if s.get("caption") else "") + "</li>")
+    settings = (f"<p>{e(str(index.get('weights', '')))} weights, {e(str(index.get('steps', '')))} steps, "
+                f"guidance {e(str(index.get('guidance', '')))}; the orange frame is the conditioning input.</p>"
+                if index else "")
+    return (f"<h3>Samples at step {e(str(step))}</h3>\n{_img((sdir / SHEET_FILE).read_bytes(), f'contact sheet, step {step}')}"
+            f"\n{settings}<ul>{''.join(items)}</ul>")
+
+
+def _run_section(run: RunMetrics, out_dir: Path, *, checksums: bool, sheets: int) -> str:
     e = html.escape
     parts = [f"<h2>{e(run.label)}</h2>", f"<p class=path>{e(str(run.run_dir.resolve()))}</p>"]
-    sdir = latest_samples(run.run_dir)
-    if sdir is None:
-        parts.append("<p>No samples (set <code>trainer.sample_iter</code>).</p>")
-    else:
-        index = json.loads((sdir / INDEX_FILE).read_text()) if (sdir / INDEX_FILE).is_file() else {}
-        step = index.get("step", sdir.name)
-        parts.append(f"<h3>Samples at step {e(str(step))}</h3>")
-        parts.append(_img((sdir / SHEET_FILE).read_bytes(), f"contact sheet, step {step}"))
-        items = []
-        for s in index.get("samples", []):
-            video = sdir / s["video"]
-            link = Path(os.path.relpath(video.resolve(), out_dir.resolve())).as_posix()
-            items.append(f'<li><a href="{e(link)}">{e(s["name"])}.mp4</a> seed {int(s["seed"])}'
-                         + (f" — {e(s['caption'])}" if s.get("caption") else "") + "</li>")
-        if items:
-            parts.append(f"<p>{e(str(index.get('weights', '')))} weights, {e(str(index.get('steps', '')))} "
-                         f"steps, guidance {e(str(index.get('guidance', '')))}; the orange frame is the "
-                         f"conditioning input.</p><ul>{''.join(items)}</ul>")
+    found = latest_samples(run.run_dir, sheets)
+    parts += [_samples_html(d, out_dir) for d in found] or ["<p>No samples (set <code>trainer.sample_iter</code>).</p>"]
     rows = checkpoint_rows(run.run_dir, checksums=checksums)
     if rows:
         body = "".join(f"<tr><td>{r.step}</td><td>{r.bytes / 1e6:.2f} MB</td>"
@@ -215,28 +215,32 @@ img{max-width:100%;border:1px solid #ccc}table{border-collapse:collapse}td,th{bo
 padding:.2em .6em;text-align:right}.ok{color:#070}.bad{color:#b00}.path{color:#666;font-size:small}"""
 
 
-def report_html(runs: list[RunMetrics], fig_png: bytes, out_dir: Path, *, checksums: bool = False) -> str:
-    """The static page: figure, then per run the latest samples and the checkpoint list."""
+def report_html(runs: list[RunMetrics], fig_png: bytes, out_dir: Path, *, checksums: bool = False,
+                sheets: int = 3) -> str:
+    """The static page: figure, then per run the newest `sheets` contact sheets and the checkpoint list."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = "\n".join(_run_section(r, out_dir, checksums=checksums) for r in runs)
+    sections = "\n".join(_run_section(r, out_dir, checksums=checksums, sheets=sheets) for r in runs)
     names = ", ".join(html.escape(r.label) for r in runs)
     return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>cosmos-train report: {names}"
             f"</title><style>{_STYLE}</style></head><body>\n<h1>cosmos-train report</h1>\n"
             f"<p>{names} — generated {now}</p>\n{_img(fig_png, 'metrics')}\n{sections}\n</body></html>\n")
 
 
-def plot(run_dirs: list[str | Path], out: str | Path, *, smoothing: float = 0.6, checksums: bool = False) -> Path:
+def plot(run_dirs: list[str | Path], out: str | Path, *, smoothing: float = 0.6, checksums: bool = False,
+         sheets: int = 3) -> Path:
     """Write `out` (.png: the figure; .html: the report page) for one or more run dirs."""
     out = Path(out)
     if out.suffix.lower() not in (".png", ".html"):
         raise CosmosTrainError(f"-o {out}: must end in .png or .html")
     if not run_dirs:
         raise CosmosTrainError("plot: give at least one RUN_DIR")
+    if sheets < 0:
+        raise CosmosTrainError(f"--sheets: must be >= 0 (got {sheets})")
     paths = [Path(p) for p in run_dirs]
     runs = [read_metrics(p, label) for p, label in zip(paths, _labels(paths))]
     png = _png_bytes(figure(runs, smoothing=smoothing))
     if out.suffix.lower() == ".png":
         _write_atomic(out, png)
     else:
-        _write_atomic(out, report_html(runs, png, out.parent, checksums=checksums).encode())
+        _write_atomic(out, report_html(runs, png, out.parent, checksums=checksums, sheets=sheets).encode())
     return out

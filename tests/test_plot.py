@@ -54,10 +54,12 @@ def test_png_has_every_panel_and_overlays_runs(run_dir, tmp_path):
 def test_html_page_holds_figure_latest_sheet_and_checkpoints(run_dir, tmp_path):
     out = plot([run_dir], tmp_path / "sub" / "report.html")
     page = out.read_text()
-    sheet = (run_dir / "samples" / "iter_000000006" / "contact_sheet.png").read_bytes()
-    assert base64.b64encode(sheet).decode() in page  # the latest sheet, embedded
+    sheets = [(run_dir / "samples" / f"iter_00000000{i}" / "contact_sheet.png").read_bytes() for i in (6, 3)]
+    positions = [page.index(base64.b64encode(s).decode()) for s in sheets]  # embedded, newest first
+    assert positions == sorted(positions)
     links = re.findall(r'<a href="([^"]+\.mp4)"', page)
-    assert len(links) == 2 and all((out.parent / link).resolve().is_file() for link in links)
+    assert len(links) == 4 and all((out.parent / link).resolve().is_file() for link in links)
+    assert base64.b64encode(sheets[1]).decode() not in plot([run_dir], tmp_path / "one.html", sheets=1).read_text()
     rows = re.findall(r"<tr><td>(\d+)</td><td>([\d.]+) MB</td><td class=ok>verified \(sizes\)</td></tr>", page)
     assert [int(step) for step, _ in rows] == [3, 6] and all(float(mb) > 0 for _, mb in rows)
     assert "<script" not in page and "http" not in page  # static, nothing fetched

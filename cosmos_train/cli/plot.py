@@ -17,6 +17,7 @@ def plot(
                                          "latest contact sheets, checkpoint list; one file, no server).")]
     = Path("report.html"),
     smoothing: Annotated[float, typer.Option(help="Loss smoothing weight in [0, 1) (0 = raw).")] = 0.6,
+    sheets: Annotated[int, typer.Option(help="HTML: the newest this many contact sheets per run.")] = 3,
     checksums: Annotated[bool, typer.Option("--checksums", help="HTML: verify checkpoint checksums "
                                             "(reads every file) instead of sizes only.")] = False,
 ) -> None:
@@ -26,5 +27,5 @@ def plot(
     """
     from cosmos_train.plot import plot as run
 
-    out = run(run_dirs, output, smoothing=smoothing, checksums=checksums)
+    out = run(run_dirs, output, smoothing=smoothing, checksums=checksums, sheets=sheets)
     console.print(f"wrote {out}", highlight=False)
