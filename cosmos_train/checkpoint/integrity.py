@@ -140,6 +140,8 @@ def _dcp_metadata_problems(part_dir: Path) -> list[str]:
     """Every shard file named in the part's `.metadata` exists and is long enough."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    from cosmos_train.export.dcp_source import shard_problems
+
     meta_path = part_dir / ".metadata"
     if not meta_path.is_file():
         return [f"{meta_path}: missing DCP metadata file"]
@@ -147,17 +149,7 @@ def _dcp_metadata_problems(part_dir: Path) -> list[str]:
         md = FileSystemReader(str(part_dir)).read_metadata()
     except Exception as e:  # unpickling a truncated/garbage file raises many kinds of errors
         return [f"{meta_path}: unreadable DCP metadata ({type(e).__name__}: {e})"]
-    need: dict[str, int] = {}
-    for info in (md.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    problems = []
-    for rel, end in sorted(need.items()):
-        f = part_dir / rel
-        if not f.is_file():
-            problems.append(f"{f}: shard file named in {meta_path.name} is missing")
-        elif (size := f.stat().st_size) < end:
-            problems.append(f"{f}: truncated ({size} bytes, metadata needs {end})")
-    return problems
+    return shard_problems(part_dir, md)
 
 
 def verify(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:
