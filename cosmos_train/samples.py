@@ -34,7 +34,7 @@ from cosmos_train.contact_sheet import contact_sheet, sheet_columns, write_png
 from cosmos_train.data.video import METAS_DIR, VIDEOS_DIR, read_frames, resize_video, write_mp4
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.models.sampler import sample
-from cosmos_train.runtime.distributed import log
+from cosmos_train.runtime.distributed import log, rank, world_size
 from cosmos_train.spec import ExperimentSpec
 
 SAMPLES_DIR = "samples"
@@ -264,10 +264,10 @@ class TrainingSamples:
 
 def _gather_to_rank0(rows: list) -> list | None:
     """Every rank's rows on global rank 0 (None elsewhere); only the sheet's frames travel."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return rows
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    gathered = [None] * world_size() if rank() == 0 else None
     dist.gather_object(rows, gathered, dst=0)
-    if dist.get_rank() != 0:
+    if rank() != 0:
         return None
     return [r for part in gathered for r in part]
