@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
+from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
 from cosmos_train.checkpoint.layout import find_run_dir
 from cosmos_train.checkpoint.sources import EMA, REG, Source, load_full_weights, resolve_load_path
 from cosmos_train.data.embeddings import EmbeddingStore
@@ -147,7 +147,7 @@ def _load_dcp_model(model: torch.nn.Module, iter_dir: Path, *, prefix: str) -> N
     model_dir = iter_dir / "model"
     if not (model_dir / ".metadata").exists():
         raise CheckpointError(f"{model_dir / '.metadata'}: missing; not a DCP model checkpoint")
-    saved = set(FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata)
+    saved = set(read_metadata(model_dir).state_dict_metadata)
     wanted = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
     missing = sorted(set(wanted) - saved)
     if missing:
@@ -155,8 +155,8 @@ def _load_dcp_model(model: torch.nn.Module, iter_dir: Path, *, prefix: str) -> N
                               + (" (saved without EMA? drop --ema)" if prefix == EMA else ""))
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(wanted, storage_reader=FileSystemReader(str(model_dir)),
-                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+        dcp.load(wanted, storage_reader=SafeReader(model_dir),
+                 planner=SafePlanner(allow_partial_load=True, source=model_dir), no_dist=True)
 
 
 def build_inference_model(req: InferenceRequest, device: torch.device) -> tuple[DiT, ExperimentSpec]:

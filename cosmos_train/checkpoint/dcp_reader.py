@@ -20,17 +20,17 @@ from typing import TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
 from cosmos_train.checkpoint.tensor_files import TensorEntry
 from cosmos_train.errors import CheckpointError
 
 T = TypeVar("T")
 
 
-class _CachedMetadataReader(FileSystemReader):
+class _CachedMetadataReader(SafeReader):
     """A FileSystemReader that parses `.metadata` once; `dcp.load` asks for it on every call."""
 
     def __init__(self, path: Path, metadata):
@@ -54,10 +54,7 @@ class DcpTensorReader:
         meta_file = self.path / ".metadata"
         if not meta_file.is_file():
             raise CheckpointError(f"{self.path}: not a DCP checkpoint directory (no .metadata file)")
-        try:
-            self.metadata = FileSystemReader(self.path).read_metadata()
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise CheckpointError(f"{meta_file}: cannot read DCP metadata ({type(e).__name__}: {e})") from e
+        self.metadata = read_metadata(self.path)  # CheckpointError naming the file when unreadable
         self.entries: dict[str, TensorEntry] = {}
         self.non_tensor_keys: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
@@ -112,7 +109,7 @@ class DcpTensorReader:
                 # no_dist is the point here; DCP warns that it assumes a single process.
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(sd, storage_reader=self._reader,
-                         planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+                         planner=SafePlanner(allow_partial_load=True, source=self.path), no_dist=True)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             inner = _unwrap(e)
             first_line = (str(inner).strip().splitlines() or [""])[0][:160]

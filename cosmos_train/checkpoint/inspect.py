@@ -49,15 +49,16 @@ def list_iteration_rows(ckpt_dir: str | Path) -> list[IterationRow]:
 
 def tensor_rows(iter_dir: str | Path) -> list[TensorRow]:
     """Every tensor of every DCP part of an iteration, from the metadata only (no data read)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from cosmos_train.checkpoint.dcp_safe import read_metadata
 
     rows = []
     for part in layout.PARTS:
         d = Path(iter_dir) / part
         if not (d / ".metadata").is_file():
             continue
-        md = FileSystemReader(str(d)).read_metadata()
+        md = read_metadata(d)
         for key, m in sorted(md.state_dict_metadata.items()):
             if isinstance(m, TensorStorageMetadata):
                 dtype = m.properties.dtype
@@ -75,9 +76,9 @@ def read_back(iter_dir: str | Path) -> list[str]:
     """Read every tensor of every part (one at a time); returns problems naming the part and key."""
     import torch
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
 
     problems = []
     for part in layout.PARTS:
@@ -85,17 +86,17 @@ def read_back(iter_dir: str | Path) -> list[str]:
         if not (d / ".metadata").is_file():
             continue
         try:
-            md = FileSystemReader(str(d)).read_metadata()
-        except Exception as e:
-            problems.append(f"{d}/.metadata: unreadable ({type(e).__name__}: {e})")
+            md = read_metadata(d)
+        except CheckpointError as e:
+            problems.append(str(e))
             continue
         for key, m in sorted(md.state_dict_metadata.items()):
             if not isinstance(m, TensorStorageMetadata):
                 continue
             t = torch.empty(m.size, dtype=m.properties.dtype)
             try:
-                dcp.load({key: t}, storage_reader=FileSystemReader(str(d)),
-                         planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+                dcp.load({key: t}, storage_reader=SafeReader(d),
+                         planner=SafePlanner(allow_partial_load=True, source=d), no_dist=True)
             except BaseException as e:  # DCP's CheckpointException is a BaseException
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise

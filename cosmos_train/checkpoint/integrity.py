@@ -138,15 +138,15 @@ def read_manifest(iter_dir: str | Path) -> dict | None:
 
 def _dcp_metadata_problems(part_dir: Path) -> list[str]:
     """Every shard file named in the part's `.metadata` exists and is long enough."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from cosmos_train.checkpoint.dcp_safe import read_metadata_file
 
     meta_path = part_dir / ".metadata"
     if not meta_path.is_file():
         return [f"{meta_path}: missing DCP metadata file"]
     try:
-        md = FileSystemReader(str(part_dir)).read_metadata()
-    except Exception as e:  # unpickling a truncated/garbage file raises many kinds of errors
-        return [f"{meta_path}: unreadable DCP metadata ({type(e).__name__}: {e})"]
+        md = read_metadata_file(meta_path)
+    except CheckpointError as e:
+        return [str(e)]
     need: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cosmos_train.checkpoint import layout
 from cosmos_train.checkpoint.collectives import IdentityStager, agree, barrier, describe_failure, dist_on, rank, world
+from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
 from cosmos_train.checkpoint.integrity import (
     ChecksummingFileSystem, check_loadable, data_files, file_entry, write_manifest)
 from cosmos_train.checkpoint.sources import (
@@ -403,15 +404,18 @@ class Checkpointer:
                                  ema_required=ema_required)
             if "optim" in parts:
                 osd = get_optimizer_state_dict(self.model, self.optimizer)
-                dcp.load(osd, storage_reader=FileSystemReader(it_dir / "optim"), no_dist=not dist_on())
+                dcp.load(osd, storage_reader=SafeReader(it_dir / "optim"),
+                         planner=SafePlanner(source=it_dir / "optim"), no_dist=not dist_on())
                 set_optimizer_state_dict(self.model, self.optimizer, osd)
             if "scheduler" in parts:
                 ssd = _present(self.scheduler.state_dict(), it_dir / "scheduler")
-                dcp.load(ssd, storage_reader=FileSystemReader(it_dir / "scheduler"), no_dist=not dist_on())
+                dcp.load(ssd, storage_reader=SafeReader(it_dir / "scheduler"),
+                         planner=SafePlanner(source=it_dir / "scheduler"), no_dist=not dist_on())
                 self.scheduler.load_state_dict(ssd)
             if "trainer" in parts:
                 tsd = _present(self.trainer_state.state_dict(), it_dir / "trainer")
-                dcp.load(tsd, storage_reader=FileSystemReader(it_dir / "trainer"), no_dist=not dist_on())
+                dcp.load(tsd, storage_reader=SafeReader(it_dir / "trainer"),
+                         planner=SafePlanner(source=it_dir / "trainer"), no_dist=not dist_on())
                 self.trainer_state.load_state_dict(tsd)
         except CheckpointError:
             raise
@@ -420,7 +424,7 @@ class Checkpointer:
 
     def _load_model(self, part_dir: Path, *, strict: bool, skip: tuple[str, ...], ema_to_reg: bool,
                     ema_required: bool) -> None:
-        have = set(FileSystemReader(part_dir).read_metadata().state_dict_metadata)
+        have = set(read_metadata(part_dir).state_dict_metadata)
         msd = get_model_state_dict(self.model)
         # Adapter-only checkpoints lack the base weights (they come from load_path).
         optional = (lambda k: "lora_" not in k) if self.lora_only else (lambda k: False)
@@ -448,7 +452,8 @@ class Checkpointer:
                 raise CheckpointError(msg + "\n(set checkpoint.strict_resume=false to load anyway, or list "
                                             "prefixes in checkpoint.keys_not_to_resume)")
             log.warning("%s", msg)
-        dcp.load(request, storage_reader=FileSystemReader(part_dir), no_dist=not dist_on())
+        dcp.load(request, storage_reader=SafeReader(part_dir), planner=SafePlanner(source=part_dir),
+                 no_dist=not dist_on())
         set_model_state_dict(self.model, msd)
         if esd == "copy":
             self.ema.load_state_dict(get_model_state_dict(self.model))
@@ -458,7 +463,7 @@ class Checkpointer:
 
 def _present(sd: dict, part_dir: Path) -> dict:
     """`sd` restricted to the (flattened) keys that the DCP checkpoint in `part_dir` holds."""
-    have = set(FileSystemReader(part_dir).read_metadata().state_dict_metadata)
+    have = set(read_metadata(part_dir).state_dict_metadata)
 
     def walk(d: dict, prefix: str) -> dict:
         out = {}
