@@ -39,9 +39,22 @@ def architecture_changes(old: ExperimentSpec, new: ExperimentSpec) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run dir; a path component that is a file (e.g. job.output_root) is a user error."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
+        raise SpecError(f"{blocker}: is a file, so the run directory {run_dir} cannot be created "
+                        "(check job.output_root and the job names)") from None
+    except PermissionError as e:
+        raise SpecError(f"{run_dir}: cannot create the run directory ({e.strerror}); check job.output_root") \
+            from None
+
+
 def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:
     """Write the resolved spec atomically as RUN_DIR/spec.toml (it holds no secrets)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     path = run_dir / SPEC_FILE
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".spec.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -15,6 +15,7 @@ full tensor, never the whole model (the upstream "every rank loads the .pt" OOM)
 from __future__ import annotations
 
 import logging
+import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +58,33 @@ def _hf_fetch(spec: str, *, cache_dir: str | Path | None, offline: bool) -> Path
     org, repo, inner = parts
     repo, _, revision = repo.partition("@")
     repo_id = f"{org}/{repo}"
+    if any(c in ("", ".", "..") for c in inner.rstrip("/").split("/")) or "\\" in inner or org in (".", "..") \
+            or repo in (".", ".."):
+        raise CheckpointError(f"{spec}: the path inside the repo must be plain names (no '.', '..', '//' or "
+                              f"'\\'); it may not leave the repository")
     try:
         if inner.endswith(FILE_SUFFIXES):
             return Path(hf_hub_download(repo_id, inner, revision=revision or None, cache_dir=cache_dir,
                                         local_files_only=offline))
         root = snapshot_download(repo_id, revision=revision or None, cache_dir=cache_dir,
                                  allow_patterns=[f"{inner.rstrip('/')}/**"], local_files_only=offline)
-        return Path(root) / inner
     except Exception as e:  # huggingface_hub raises many types (offline miss, 404, auth)
         hint = " (offline: only the local cache is used; download it once online)" if offline else ""
         raise CheckpointError(f"{spec}: cannot fetch from the Hugging Face Hub: {type(e).__name__}: {e}{hint}") \
             from e
+    return inside_snapshot(Path(root), inner, spec)
+
+
+def inside_snapshot(root: Path, inner: str, spec: str) -> Path:
+    """`root/inner`, resolved, and refused unless it stays strictly inside the snapshot `root`.
+
+    (Snapshot files are symlinks into the cache's blobs/, so the lexical path is what is checked.)
+    """
+    root = Path(os.path.abspath(root))
+    target = Path(os.path.normpath(root / inner))
+    if target == root or root not in target.parents:
+        raise CheckpointError(f"{spec}: resolves to {target}, outside the downloaded snapshot {root}")
+    return target
 
 
 def resolve_load_path(load_path: str | Path, *, cache_dir: str | Path | None = None,
