@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from cosmos_train.checkpoint.collectives import agree
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.checkpoint.trainer_state import TrainerState, derived_seed
 from cosmos_train.data.loader import build_dataloader
@@ -31,6 +32,7 @@ from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.optim import build_optimizer, build_scheduler
 from cosmos_train.preemption import Preemption
 from cosmos_train.run_dir import prepare_run_dir
+from cosmos_train.run_lock import RunLock
 from cosmos_train.runtime.distributed import configure_logging, distributed, log
 from cosmos_train.runtime.fsdp import clip_grad_norm, set_gradient_sync
 from cosmos_train.runtime.mesh import ParallelDims, build_parallel_dims
@@ -120,11 +122,23 @@ def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_ch
         dims = build_parallel_dims(spec.parallel, info.world_size)
         dims.build_mesh(info.device.type)
         run_dir = Path(run_dir) if run_dir is not None else spec.run_dir()
-        if info.is_main:
-            prepare_run_dir(spec, run_dir)
-        dist.barrier()
-        return _train(spec, dims, info.device, run_dir, require_checkpoint=require_checkpoint,
-                      is_main=info.is_main, show_progress=show_progress)
+        lock = RunLock(run_dir)
+        problem = None
+        if info.is_main:  # rank 0 holds the run dir for the whole run; every rank learns a refusal
+            try:
+                lock.acquire()
+                prepare_run_dir(spec, run_dir)
+            except CosmosTrainError as e:
+                lock.release()
+                problem = e
+        problem = agree(problem)
+        if problem is not None:
+            raise problem
+        try:
+            return _train(spec, dims, info.device, run_dir, require_checkpoint=require_checkpoint,
+                          is_main=info.is_main, show_progress=show_progress)
+        finally:
+            lock.release()
 
 
 def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_dir: Path, *,
