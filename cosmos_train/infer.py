@@ -135,12 +135,12 @@ def resolve_spec(req: InferenceRequest, source: Source) -> ExperimentSpec:
 
 def _file_has_lora(source: Source) -> bool:
     if source.kind == "safetensors":
-        from safetensors import safe_open
+        from cosmos_train.checkpoint.safetensors_io import SafetensorsReader
 
-        with safe_open(str(source.path), "pt") as f:
-            return any(".lora_" in k for k in f.keys())
-    sd = torch.load(source.path, map_location="meta", weights_only=True, mmap=True)
-    return any(".lora_" in k for k in sd)
+        return any(".lora_" in k for k in SafetensorsReader(source.path).entries)
+    from cosmos_train.checkpoint.pt_io import load_pt
+
+    return any(".lora_" in k for k in load_pt(source.path, map_location="meta", mmap=True))
 
 
 def _load_dcp_model(model: torch.nn.Module, iter_dir: Path, *, prefix: str) -> None:

@@ -132,6 +132,24 @@ class PtWriter:
                 pass
 
 
+def load_pt(path: str | Path, **kwargs):
+    """`torch.load(path, weights_only=True, **kwargs)`, with a CheckpointError naming the file instead of
+    torch's errors (whose advice to retry with `weights_only=False` would run the file's code)."""
+    from cosmos_train.checkpoint.dcp_safe import weights_only_reason
+
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: holds objects that are not tensors or plain data "
+                              f"({weights_only_reason(e)}); the file is corrupt or malicious") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as e:
+        # what torch's zip reader and unpickler raise for a damaged or non-torch file
+        raise CheckpointError(f"{path}: not a readable torch .pt file ({type(e).__name__}: "
+                              f"{weights_only_reason(e)})") from None
+
+
 class PtReader:
     """Read the tensors of a `.pt` holding a flat dict one at a time, by byte offset.
 
@@ -142,10 +160,7 @@ class PtReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.files = [self.path]
-        try:
-            meta = torch.load(self.path, map_location="meta", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - zip/pickle errors all mean an unreadable file
-            raise CheckpointError(f"{self.path}: not a readable torch .pt file ({type(e).__name__}: {e})") from e
+        meta = load_pt(self.path, map_location="meta")
         if not isinstance(meta, dict) or not all(isinstance(v, torch.Tensor) for v in meta.values()):
             raise CheckpointError(f"{self.path}: expected a flat dict of tensors (a consolidated checkpoint)")
         self._meta: dict[str, torch.Tensor] = meta

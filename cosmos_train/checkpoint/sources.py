@@ -145,10 +145,9 @@ class _FileReader:
             self._st = SafetensorsReader(source.path)
             self.keys = list(self._st.entries)
         else:
-            try:
-                self._sd = torch.load(source.path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{source.path}: cannot read as a torch checkpoint: {e}") from e
+            from cosmos_train.checkpoint.pt_io import load_pt
+
+            self._sd = load_pt(source.path, map_location="cpu", mmap=True)
             if not isinstance(self._sd, dict):
                 raise CheckpointError(f"{source.path}: expected a flat dict of tensors, got {type(self._sd).__name__}")
             self.keys = [k for k, v in self._sd.items() if isinstance(v, torch.Tensor)]
