@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,14 +52,11 @@ def make_run_dir(run_dir: Path) -> None:
 
 def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:
     """Write the resolved spec atomically as RUN_DIR/spec.toml (it holds no secrets)."""
+    from cosmos_train.checkpoint.layout import atomic_write_text
+
     make_run_dir(run_dir)
     path = run_dir / SPEC_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".spec.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(spec.to_toml())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, spec.to_toml())  # the temp file is removed on any error (e.g. a full disk)
     return path
 
 

@@ -239,11 +239,30 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race with writer threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # no /proc: the set-and-restore fallback
+    os.umask(old)
+    return old
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` atomically: temp file in the same dir, fsync, rename, fsync dir."""
+    """Replace `path` with `text` atomically: temp file in the same dir, fsync, rename, fsync dir.
+
+    The file gets the mode a plain `open(path, "w")` would (0666 minus the umask), like the
+    DCP shards beside it; mkstemp alone would make it 0600.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -189,7 +189,8 @@ def _entry(path: Path, key: str, v, data_size: int) -> tuple[TensorEntry, int, i
         raise bad(f"shape {shape} x {torch_dtype.itemsize} bytes ({dtype}) = {numel * torch_dtype.itemsize} "
                   f"bytes, but data_offsets span {end - begin}")
     if end > data_size:
-        raise bad(f"truncated: ends at byte {end} of the data, the file holds {data_size}")
+        raise CheckpointError(f"{path}: truncated (tensor {key!r} ends at data byte {end}, the file holds "
+                              f"{data_size})")
     return TensorEntry(key, torch_dtype, tuple(shape)), begin, end
 
 
