@@ -158,6 +158,8 @@ class DataSpec(_Section):
     text_dropout: float = Field(0.2, ge=0, le=1, description="Probability of dropping the text embedding.")
     short_clips: Literal["skip", "error"] = Field(
         "skip", description="Clips shorter than num_frames: skip with one warning, or fail.")
+    bad_clips: Literal["skip", "error"] = Field(
+        "skip", description="Clips that fail to decode: skip (the next clip stands in, one warning each), or fail.")
     num_synthetic_clips: int = Field(8, gt=0, description="Clips generated for kind = 'synthetic'.")
     validation_clips: int = Field(0, ge=0, description="Clips held out for the validation loss.")
 

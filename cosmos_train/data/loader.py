@@ -102,7 +102,8 @@ def build_dataloader(data: DataSpec, *, dp_rank: int, dp_size: int, seed: int, c
         raise CosmosTrainError("data.validation_clips is 0: there is no validation split; set it > 0")
     dirs = dataset_dirs(data, cache_dir=cache_dir)
     parts = [_split(VideoFolderDataset(d, num_frames=data.num_frames, video_size=tuple(data.video_size),
-                                       short_clips=data.short_clips), data.validation_clips, split)
+                                       short_clips=data.short_clips, bad_clips=data.bad_clips),
+                         data.validation_clips, split)
              for d, _ in dirs]
     dataset = parts[0] if len(parts) == 1 else ConcatDatasets(parts)
     common = dict(seed=seed, dp_rank=dp_rank, dp_size=dp_size, batch_size=data.batch_size)
