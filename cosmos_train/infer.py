@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
+from cosmos_train.checkpoint.integrity import check_reads
 from cosmos_train.checkpoint.layout import find_run_dir
 from cosmos_train.checkpoint.sources import EMA, REG, Source, load_full_weights, resolve_load_path
 from cosmos_train.data.embeddings import EmbeddingStore
@@ -164,8 +165,10 @@ def _load_dcp_model(model: torch.nn.Module, iter_dir: Path, *, prefix: str) -> N
                               + (" (saved without EMA? drop --ema)" if prefix == EMA else ""))
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(wanted, storage_reader=SafeReader(model_dir),
-                 planner=SafePlanner(allow_partial_load=True, source=model_dir), no_dist=True)
+        reader = SafeReader(model_dir)
+        dcp.load(wanted, storage_reader=reader, planner=SafePlanner(allow_partial_load=True, source=model_dir),
+                 no_dist=True)
+    check_reads(iter_dir, "model", [reader.segments])
 
 
 def build_inference_model(req: InferenceRequest, device: torch.device) -> tuple[DiT, ExperimentSpec]:

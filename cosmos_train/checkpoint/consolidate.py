@@ -338,6 +338,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
                 write(it.out.key, t)
                 p.advance(task, it.out.nbytes)
         close()
+        reader.check_checksums()  # CRCs taken while reading: damaged shards never become an output
         if verify:
             # The index (sharded) or the single weights file is the last thing moved into place.
             written = moves[-1][0] / lora_export.ADAPTER_WEIGHTS if adapter_only else moves[-1][0]

@@ -23,22 +23,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
+from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader
+from cosmos_train.checkpoint.integrity import check_reads
 from cosmos_train.checkpoint.tensor_files import TensorEntry
 from cosmos_train.errors import CheckpointError
 
 T = TypeVar("T")
-
-
-class _CachedMetadataReader(SafeReader):
-    """A FileSystemReader that parses `.metadata` once; `dcp.load` asks for it on every call."""
-
-    def __init__(self, path: Path, metadata):
-        super().__init__(path)
-        self._metadata = metadata
-
-    def read_metadata(self, *args, **kwargs):
-        return self._metadata
 
 
 class DcpTensorReader:
@@ -54,7 +44,9 @@ class DcpTensorReader:
         meta_file = self.path / ".metadata"
         if not meta_file.is_file():
             raise CheckpointError(f"{self.path}: not a DCP checkpoint directory (no .metadata file)")
-        self.metadata = read_metadata(self.path)  # CheckpointError naming the file when unreadable
+        # SafeReader parses `.metadata` once (dcp.load asks on every call) and checksums every read
+        self._reader = SafeReader(self.path)
+        self.metadata = self._reader.read_metadata()  # CheckpointError naming the file when unreadable
         self.entries: dict[str, TensorEntry] = {}
         self.non_tensor_keys: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
@@ -64,7 +56,6 @@ class DcpTensorReader:
                 assert isinstance(md, BytesStorageMetadata), type(md)
                 self.non_tensor_keys.append(key)
         self._check_files()
-        self._reader = _CachedMetadataReader(self.path, self.metadata)
         self._arena: torch.Tensor | None = None
 
     def _check_files(self) -> None:
@@ -112,6 +103,8 @@ class DcpTensorReader:
                          planner=SafePlanner(allow_partial_load=True, source=self.path), no_dist=True)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             inner = _unwrap(e)
+            if isinstance(inner, CheckpointError):  # our reader already named the file and the tensor
+                raise inner from None
             first_line = (str(inner).strip().splitlines() or [""])[0][:160]
             bad = self._find_bad_file(set(keys))
             raise CheckpointError(f"{bad or self.path}: failed to read {keys[0]!r}"
@@ -119,6 +112,11 @@ class DcpTensorReader:
                                   f"{type(inner).__name__}: {first_line} (corrupt shard file?)") from e
         return sd
 
+
+    def check_checksums(self) -> None:
+        """Compare the CRCs of everything read so far with the iteration's MANIFEST.json (when the
+        directory is a part of one); CorruptCheckpointError naming the file on a mismatch."""
+        check_reads(self.path.parent, self.path.name, [self._reader.segments])
 
     def _find_bad_file(self, keys: set[str]) -> Path | None:
         """Diagnosis after a failed read: the first shard file whose chunk of `keys` does not load."""

@@ -8,21 +8,34 @@ goes through `SafeReader` (metadata through an allow-list unpickler: the DCP
 metadata classes, torch dtypes/sizes/layouts, paths and plain containers) and
 `SafePlanner` (non-tensor items with `weights_only=True`). Both raise a
 CheckpointError naming the file or key; neither suggests turning the safety off.
+
+`SafeReader` also checksums what it reads, while reading (no second pass): every
+item's bytes are read once into memory, CRC32'd, then unpickled from that buffer.
+`segments` records `(start, end, crc)` runs per file; `integrity.verify_reads`
+combines them (across ranks) and compares with MANIFEST.json. An item that cannot
+be unpickled is a `CorruptCheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.futures import Future
 
-from cosmos_train.errors import CheckpointError
+from cosmos_train.errors import CheckpointError, CorruptCheckpointError
+
+METADATA_FILE = ".metadata"
+Segments = dict[str, list[list[int]]]  # file (relative to the part dir) -> [[start, end, crc32], ...]
 
 # Exactly the globals torch's own metadata pickles reference (tests/checkpoint/test_dcp_safe.py
 # checks this list against the metadata of every part the Checkpointer writes).
@@ -49,12 +62,13 @@ class MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
 
 
-def read_metadata_file(path: str | Path) -> Metadata:
-    """Parse a DCP `.metadata` file safely; CheckpointError naming the file if it is not one."""
+def read_metadata_file(path: str | Path, *, raw: bytes | None = None) -> Metadata:
+    """Parse a DCP `.metadata` file (or its bytes `raw`) safely; CheckpointError naming the file."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            md = MetadataUnpickler(f).load()
+        if raw is None:
+            raw = path.read_bytes()
+        md = MetadataUnpickler(io.BytesIO(raw)).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing DCP metadata file") from None
     except pickle.UnpicklingError as e:
@@ -69,20 +83,91 @@ def read_metadata_file(path: str | Path) -> Metadata:
 
 
 class SafeReader(FileSystemReader):
-    """A FileSystemReader whose metadata goes through `MetadataUnpickler` (parsed once per reader)."""
+    """A FileSystemReader that runs no code from the files and checksums what it reads.
+
+    Metadata goes through `MetadataUnpickler` (parsed once per reader); items are read
+    whole, CRC32'd into `segments`, and unpickled weights-only from memory.
+    """
 
     def __init__(self, path: str | Path, *args, **kwargs) -> None:
         super().__init__(path, *args, **kwargs)
         self._metadata: Metadata | None = None
+        self.segments: Segments = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
-            md = read_metadata_file(self._get_metadata_path(kwargs.get("rank")))
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raise CheckpointError(f"{path}: missing DCP metadata file") from None
+            md = read_metadata_file(path, raw=raw)
+            self._record(path.name, 0, raw)
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
             self._metadata = md
         return self._metadata
+
+    def _record(self, rel: str, start: int, data) -> None:
+        runs = self.segments.setdefault(rel, [])
+        if runs and runs[-1][1] == start:  # contiguous with the last run: extend its CRC
+            runs[-1][1] += len(data)
+            runs[-1][2] = zlib.crc32(data, runs[-1][2])
+        elif not any(r[0] == start for r in runs):  # an item read twice (resharding) counts once
+            runs.append([start, start + len(data), zlib.crc32(data)])
+
+    def read_data(self, plan, planner) -> Future:
+        """torch's FileSystemReader.read_data, reading each item once into memory (checksummed)."""
+        per_file: dict[str, list] = {}
+        for req in plan.items:
+            per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+        for rel, reqs in per_file.items():
+            path = Path(self.path) / rel
+            reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)  # forward through the file
+            cached: tuple[Any, bytes] | None = None
+            with open(path, "rb") as f:
+                for req in reqs:
+                    info = self.storage_data[req.storage_index]
+                    if cached is None or cached[0] != req.storage_index:
+                        f.seek(info.offset)
+                        data = f.read(info.length)
+                        if len(data) != info.length:
+                            raise CorruptCheckpointError(f"{path}: truncated ({req.storage_index.fqn!r} needs "
+                                                         f"bytes {info.offset}..{info.offset + info.length})")
+                        self._record(rel, info.offset, data)
+                        cached = (req.storage_index, data)
+                    self._deliver(req, info, cached[1], path, planner)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _deliver(self, req, info, data: bytes, path: Path, planner) -> None:
+        stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (), io.BytesIO(data))
+        if req.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(req, io.BytesIO(stream.read(-1)))
+            return
+        if not stream.seekable():
+            stream = io.BytesIO(stream.read(-1))
+        try:
+            tensor = torch.load(stream, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CorruptCheckpointError(f"{path}: tensor {req.storage_index.fqn!r} refused: not a plain "
+                                         f"tensor ({weights_only_reason(e)}); the file is corrupt or malicious") \
+                from None
+        except (RuntimeError, EOFError, ValueError, KeyError) as e:  # torch's zip reader on damaged bytes
+            raise CorruptCheckpointError(f"{path}: tensor {req.storage_index.fqn!r} cannot be read "
+                                         f"({type(e).__name__}: {weights_only_reason(e)}); the file is damaged") \
+                from None
+        if not isinstance(tensor, torch.Tensor):
+            raise CorruptCheckpointError(f"{path}: item {req.storage_index.fqn!r} is not a tensor")
+        tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise CorruptCheckpointError(f"{path}: tensor {req.storage_index.fqn!r} has size "
+                                         f"{tuple(tensor.size())}, the metadata says {tuple(target.size())}")
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
 
 
 class SafePlanner(DefaultLoadPlanner):

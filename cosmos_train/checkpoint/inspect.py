@@ -40,7 +40,8 @@ def list_iteration_rows(ckpt_dir: str | Path) -> list[IterationRow]:
     latest = layout.read_latest(ckpt_dir)
     rows = []
     for e in layout.list_iterations(ckpt_dir):
-        status = "committed" if e.committed else ("partial" if e.partial else "upstream")
+        status = ("committed" if e.committed else "partial" if e.partial else
+                  "uncommitted" if e.uncommitted else "upstream")
         mtime = _dt.datetime.fromtimestamp(e.path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
         rows.append(IterationRow(e.step, e.path.name, status, _size(e.path), mtime,
                                  latest is not None and e.path == latest))

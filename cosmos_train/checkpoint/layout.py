@@ -16,6 +16,11 @@ previous latest checkpoint intact and findable.
 Upstream (Cosmos) iteration directories carry no marker; they are loadable when
 named explicitly, and a `checkpoints/` dir without any marker at all is treated as
 an upstream one (the latest file is trusted).
+
+Only what this toolkit knows it left half-written is ever removed: its own
+`iter_X.tmp-*` / `iter_X.deleting-*` names. An `iter_X` without the marker (a crash
+between rename and marker, or an upstream iteration beside committed ones) is kept
+with a warning; `integrity.adopt_uncommitted` commits it if its manifest verifies.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class IterationEntry:
     step: int
     path: Path
     committed: bool
-    partial: bool  # a .tmp-/.deleting- leftover, or a renamed dir without marker
+    partial: bool  # a .tmp-/.deleting- leftover of this toolkit (safe to delete)
+    uncommitted: bool = False  # an iter_X without marker beside committed ones (kept, not loaded)
 
 
 def list_iterations(ckpt_dir: str | Path) -> list[IterationEntry]:
@@ -104,8 +110,9 @@ def list_iterations(ckpt_dir: str | Path) -> list[IterationEntry]:
             continue
         if (step := _try_parse(p.name)) is not None:
             committed = is_committed(p)
-            # Without any marker in the dir this is an upstream run: nothing is partial.
-            out.append(IterationEntry(step, p, committed, partial=marked_layout and not committed))
+            # Without any marker in the dir this is an upstream run: every iteration counts.
+            out.append(IterationEntry(step, p, committed, partial=False,
+                                      uncommitted=marked_layout and not committed))
         elif m := (_TMP_RE.match(p.name) or _DELETING_RE.match(p.name)):
             out.append(IterationEntry(int(m.group(1)), p, False, True))
     return sorted(out, key=lambda e: (e.step, e.path.name))
@@ -121,12 +128,17 @@ def committed_iterations(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def partial_dirs(ckpt_dir: str | Path) -> list[Path]:
-    """Leftovers of interrupted saves or deletions (never an upstream marker-less dir)."""
+    """This toolkit's leftovers of interrupted saves or deletions (`.tmp-` / `.deleting-` names only)."""
     return [e.path for e in list_iterations(ckpt_dir) if e.partial]
 
 
+def uncommitted_dirs(ckpt_dir: str | Path) -> list[Path]:
+    """`iter_X` dirs without a marker beside committed ones: kept, never deleted, not loaded."""
+    return [e.path for e in list_iterations(ckpt_dir) if e.uncommitted]
+
+
 def remove_partial(ckpt_dir: str | Path) -> list[Path]:
-    """Report (warning) and delete the partial directories; returns what was removed."""
+    """Report (warning) and delete this toolkit's half-written directories; returns what was removed."""
     removed = partial_dirs(ckpt_dir)
     for p in removed:
         log.warning("removing partial checkpoint directory %s (an interrupted save or deletion)", p)

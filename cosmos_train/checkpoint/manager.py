@@ -44,10 +44,10 @@ from cosmos_train.checkpoint import layout
 from cosmos_train.checkpoint.collectives import IdentityStager, agree, barrier, describe_failure, dist_on, rank, world
 from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
 from cosmos_train.checkpoint.integrity import (
-    ChecksummingFileSystem, check_loadable, data_files, file_entry, write_manifest)
+    ChecksummingFileSystem, adopt_uncommitted, check_loadable, data_files, file_entry, read_manifest, verify_reads, write_manifest)
 from cosmos_train.checkpoint.sources import (
     format_key_problems, load_full_weights, map_keys, matches_prefix, resolve_load_path, unexpected_keys)
-from cosmos_train.errors import CheckpointError
+from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Checkpointer:
             if removed:
                 log.warning("removed %d partial checkpoint dir(s) under %s: %s", len(removed), self.dir,
                             ", ".join(p.name for p in removed))
+            adopt_uncommitted(self.dir)
         self._token = agree(secrets.token_hex(4))
         barrier()
         self._pg = None
@@ -326,17 +327,20 @@ class Checkpointer:
         while True:
             problem = agree(self._problem(it_dir, parts))
             if problem is None:
-                break
+                try:  # the CRCs of what is read are checked while reading; damage found there falls back too
+                    self._load_iteration(it_dir, parts, strict=self.ckpt.strict_resume, skip=(), ema_to_reg=False,
+                                         ema_required=True)
+                    break
+                except CorruptCheckpointError as e:
+                    problem = str(e)
             prev = [p for s, p in layout.committed_iterations(self.dir) if s < layout.parse_iteration(it_dir.name)]
             if not (self.ckpt.fallback_to_previous and prev):
-                raise CheckpointError(problem + ("\n(no earlier committed checkpoint to fall back to)"
-                                                 if self.ckpt.fallback_to_previous else
-                                                 "\n(set checkpoint.fallback_to_previous=true to load the "
-                                                 "previous committed checkpoint instead)"))
+                raise CorruptCheckpointError(problem + ("\n(no earlier committed checkpoint to fall back to)"
+                                                        if self.ckpt.fallback_to_previous else
+                                                        "\n(set checkpoint.fallback_to_previous=true to load the "
+                                                        "previous committed checkpoint instead)"))
             log.error("!!! %s\n!!! FALLING BACK to the previous committed checkpoint %s", problem, prev[-1].name)
             it_dir = prev[-1]
-        self._load_iteration(it_dir, parts, strict=self.ckpt.strict_resume, skip=(), ema_to_reg=False,
-                             ema_required=True)
         self._last_saved = layout.parse_iteration(it_dir.name)
         if rank() == 0:
             log.info("resumed from %s", it_dir)
@@ -398,32 +402,55 @@ class Checkpointer:
 
     def _load_iteration(self, it_dir: Path, parts: tuple[str, ...], *, strict: bool, skip: tuple[str, ...],
                         ema_to_reg: bool, ema_required: bool) -> None:
+        readers = {p: SafeReader(it_dir / p) for p in parts}
         try:
             if "model" in parts:
-                self._load_model(it_dir / "model", strict=strict, skip=skip, ema_to_reg=ema_to_reg,
+                self._load_model(readers["model"], strict=strict, skip=skip, ema_to_reg=ema_to_reg,
                                  ema_required=ema_required)
             if "optim" in parts:
                 osd = get_optimizer_state_dict(self.model, self.optimizer)
-                dcp.load(osd, storage_reader=SafeReader(it_dir / "optim"),
-                         planner=SafePlanner(source=it_dir / "optim"), no_dist=not dist_on())
+                dcp.load(osd, storage_reader=readers["optim"], planner=SafePlanner(source=it_dir / "optim"),
+                         no_dist=not dist_on())
                 set_optimizer_state_dict(self.model, self.optimizer, osd)
             if "scheduler" in parts:
                 ssd = _present(self.scheduler.state_dict(), it_dir / "scheduler")
-                dcp.load(ssd, storage_reader=SafeReader(it_dir / "scheduler"),
-                         planner=SafePlanner(source=it_dir / "scheduler"), no_dist=not dist_on())
+                dcp.load(ssd, storage_reader=readers["scheduler"], planner=SafePlanner(source=it_dir / "scheduler"),
+                         no_dist=not dist_on())
                 self.scheduler.load_state_dict(ssd)
             if "trainer" in parts:
                 tsd = _present(self.trainer_state.state_dict(), it_dir / "trainer")
-                dcp.load(tsd, storage_reader=SafeReader(it_dir / "trainer"),
-                         planner=SafePlanner(source=it_dir / "trainer"), no_dist=not dist_on())
+                dcp.load(tsd, storage_reader=readers["trainer"], planner=SafePlanner(source=it_dir / "trainer"),
+                         no_dist=not dist_on())
                 self.trainer_state.load_state_dict(tsd)
         except CheckpointError:
             raise
         except _FAILURES as e:
-            raise CheckpointError(f"loading checkpoint {it_dir.name} ({it_dir}) failed: {describe_failure(e)}") from e
+            err = CorruptCheckpointError if _damage(e) else CheckpointError
+            raise err(f"loading checkpoint {it_dir.name} ({it_dir}) failed: {describe_failure(e)}") from e
+        self._verify_loaded(it_dir, {p: r.segments for p, r in readers.items()})
 
-    def _load_model(self, part_dir: Path, *, strict: bool, skip: tuple[str, ...], ema_to_reg: bool,
+    @staticmethod
+    def _verify_loaded(it_dir: Path, segments: dict) -> None:
+        """Rank 0 compares the CRCs every rank took while reading with MANIFEST.json; all ranks raise alike."""
+        shares = [segments]
+        if world() > 1:
+            shares = [None] * world()
+            dist.all_gather_object(shares, segments)
+        problems = None
+        if rank() == 0:
+            try:
+                manifest = read_manifest(it_dir)
+                problems = [p for part in segments
+                            for p in verify_reads(it_dir, part, [s.get(part, {}) for s in shares], manifest)]
+            except (CheckpointError, OSError) as e:
+                problems = [str(e)]
+        problems = agree(problems)
+        if problems:
+            raise CorruptCheckpointError(f"checkpoint {it_dir.name} ({it_dir}) is damaged:\n  " + "\n  ".join(problems))
+
+    def _load_model(self, reader: SafeReader, *, strict: bool, skip: tuple[str, ...], ema_to_reg: bool,
                     ema_required: bool) -> None:
+        part_dir = Path(reader.path)
         have = set(read_metadata(part_dir).state_dict_metadata)
         msd = get_model_state_dict(self.model)
         # Adapter-only checkpoints lack the base weights (they come from load_path).
@@ -452,13 +479,19 @@ class Checkpointer:
                 raise CheckpointError(msg + "\n(set checkpoint.strict_resume=false to load anyway, or list "
                                             "prefixes in checkpoint.keys_not_to_resume)")
             log.warning("%s", msg)
-        dcp.load(request, storage_reader=SafeReader(part_dir), planner=SafePlanner(source=part_dir),
-                 no_dist=not dist_on())
+        dcp.load(request, storage_reader=reader, planner=SafePlanner(source=part_dir), no_dist=not dist_on())
         set_model_state_dict(self.model, msd)
         if esd == "copy":
             self.ema.load_state_dict(get_model_state_dict(self.model))
         elif esd is not None:
             self.ema.load_state_dict(esd)
+
+
+def _damage(e: BaseException) -> bool:
+    """True if DCP's error carries a CorruptCheckpointError from a rank's reader."""
+    failures = getattr(e, "failures", None) or {}
+    return isinstance(e, CorruptCheckpointError) or any(
+        isinstance(f[0] if isinstance(f, tuple) else f, CorruptCheckpointError) for f in failures.values())
 
 
 def _present(sd: dict, part_dir: Path) -> dict:

@@ -39,7 +39,7 @@ def inspect(
             table.add_column(col)
         rows = list_iteration_rows(ckpt_dir)
         for r in rows:
-            style = {"partial": "red", "upstream": "yellow"}.get(r.status, "")
+            style = {"partial": "red", "upstream": "yellow", "uncommitted": "yellow"}.get(r.status, "")
             table.add_row(str(r.step), r.status, _gb(r.bytes), r.mtime, "*" if r.latest else "", style=style)
         console.print(table)
         targets = [ckpt_dir / r.name for r in rows if r.status != "partial"] if verify else []

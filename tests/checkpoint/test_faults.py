@@ -1,0 +1,127 @@
+"""Fault injection: corrupted shards, hostile files, a full disk.
+
+Each case asserts the same four things: the fault is detected, the message names the
+file, nothing damaged is committed (or written as an output), and the last good
+checkpoint still resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from cosmos_train.checkpoint import layout
+from cosmos_train.checkpoint.manager import Checkpointer
+from cosmos_train.errors import CheckpointError, CorruptCheckpointError
+from tests.checkpoint.toy import assert_same, build, full_state, spec, train_steps
+
+
+def _run(tmp_path, steps=(1, 2)):
+    """Two committed checkpoints; returns (checkpoints dir, the full state at each step)."""
+    parts = build(0)
+    ck = Checkpointer(spec(), tmp_path, model=parts[0], optimizer=parts[1], scheduler=parts[2],
+                      trainer_state=parts[4], ema=parts[3])
+    states = {}
+    for s in steps:
+        train_steps(parts, 1)
+        ck.save(s)
+        states[s] = full_state(parts)
+    ck.close()
+    return layout.checkpoints_dir(tmp_path), states
+
+
+def _fresh(tmp_path, **kw):
+    parts = build(9)
+    return parts, Checkpointer(spec(**kw), tmp_path, model=parts[0], optimizer=parts[1], scheduler=parts[2],
+                               trainer_state=parts[4], ema=parts[3])
+
+
+def poison_tensor_bytes(part_dir, tensor: torch.Tensor) -> str:
+    """Overwrite a tensor's stored bytes in place (same file size): what silent bit rot looks like.
+
+    The bytes become 0x67 (~1.1e24 as float32), so a load that does not check would train on them.
+    Returns the name of the shard file that was changed.
+    """
+    needle = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    for shard in sorted(part_dir.glob("*.distcp")):
+        raw = bytearray(shard.read_bytes())
+        at = raw.find(needle)
+        if at > 0:
+            raw[at:at + len(needle)] = b"\x67" * len(needle)
+            shard.write_bytes(bytes(raw))
+            return shard.name
+    raise AssertionError("tensor bytes not found in any shard")
+
+
+def test_silently_flipped_tensor_bytes_are_caught_on_resume_and_fall_back(tmp_path, caplog):
+    ck_dir, states = _run(tmp_path)
+    name = poison_tensor_bytes(ck_dir / "iter_000000002" / "model", states[2]["model"]["head.weight"])
+    _, ck = _fresh(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match=rf"(?s)iter_000000002.*model/{name}: crc32 mismatch"):
+        ck.load()
+    parts, ck = _fresh(tmp_path, fallback_to_previous=True)
+    with caplog.at_level(logging.WARNING):
+        assert ck.load() == 1
+    assert "FALLING BACK" in caplog.text and name in caplog.text
+    assert_same(states[1], full_state(parts))  # the last good checkpoint, exactly
+
+
+def test_flipped_bytes_are_caught_by_consolidate_and_infer_loading(tmp_path):
+    from cosmos_train.checkpoint.consolidate import consolidate
+    from cosmos_train.infer import _load_dcp_model
+
+    ck_dir, states = _run(tmp_path)
+    it = ck_dir / "iter_000000002"
+    name = poison_tensor_bytes(it / "model", states[2]["model"]["blocks.0.fc1.weight"])
+    out = tmp_path / "model.pt"
+    for kw in ({}, {"verify": True}):
+        with pytest.raises(CorruptCheckpointError, match=rf"model/{name}: crc32 mismatch"):
+            consolidate(it, out, progress=False, **kw)
+        assert not out.exists() and not list(tmp_path.glob(".model.pt.partial-*"))
+    with pytest.raises(CorruptCheckpointError, match=rf"model/{name}: crc32 mismatch"):
+        _load_dcp_model(build(1)[0], it, prefix="net.")
+    consolidate(ck_dir / "iter_000000001", out, progress=False)  # the good one still exports
+    assert torch.equal(torch.load(out, weights_only=True)["net.head.weight"], states[1]["model"]["head.weight"])
+
+
+def test_optimizer_shard_corruption_is_named_too(tmp_path):
+    ck_dir, states = _run(tmp_path)
+    name = poison_tensor_bytes(ck_dir / "iter_000000002" / "optim", states[2]["optim"]["head.weight"]["exp_avg"])
+    _, ck = _fresh(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"optim/{name}: crc32 mismatch"):
+        ck.load()
+
+
+# ------------------------------------------------------------ what start-up may delete
+def test_only_our_own_leftovers_are_deleted_at_start_up(tmp_path, caplog):
+    ck_dir, states = _run(tmp_path, steps=(1, 2, 3))
+    (ck_dir / "iter_000000004.tmp-dead").mkdir()
+    (ck_dir / "iter_000000001.deleting-123").mkdir()
+    (ck_dir / "iter_000000003" / layout.COMMITTED_MARKER).unlink()  # crash between rename and marker
+    (ck_dir / "iter_000000002" / layout.COMMITTED_MARKER).unlink()  # and an incomplete one:
+    name = poison_tensor_bytes(ck_dir / "iter_000000002" / "model", states[2]["model"]["head.weight"])
+    with caplog.at_level(logging.WARNING):
+        parts, ck = _fresh(tmp_path)
+    assert not (ck_dir / "iter_000000004.tmp-dead").exists() and not (ck_dir / "iter_000000001.deleting-123").exists()
+    assert layout.is_committed(ck_dir / "iter_000000003")  # complete: its manifest verifies, so committed
+    assert (ck_dir / "iter_000000002").is_dir() and not layout.is_committed(ck_dir / "iter_000000002")
+    assert f"iter_000000002 has no COMMITTED marker and is not complete" in caplog.text and name in caplog.text
+    assert ck.load() == 3
+    assert_same(states[3], full_state(parts))
+
+
+def test_upstream_iterations_survive_a_committed_save_beside_them(tmp_path):
+    ck_dir, _ = _run(tmp_path, steps=(1, 2))
+    for it in ck_dir.glob("iter_*"):  # an upstream-style run: no markers, no manifests
+        (it / layout.COMMITTED_MARKER).unlink()
+        (it / "MANIFEST.json").unlink()
+    parts, ck = _fresh(tmp_path)
+    assert ck.load() == 2  # upstream: the latest file is trusted
+    train_steps(parts, 1)
+    ck.save(3)
+    ck.close()
+    _fresh(tmp_path)[1].close()  # the next start
+    assert (ck_dir / "iter_000000001").is_dir() and (ck_dir / "iter_000000002").is_dir()
+    assert [s for s, _ in layout.committed_iterations(ck_dir)] == [3]
