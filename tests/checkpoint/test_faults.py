@@ -125,3 +125,31 @@ def test_upstream_iterations_survive_a_committed_save_beside_them(tmp_path):
     _fresh(tmp_path)[1].close()  # the next start
     assert (ck_dir / "iter_000000001").is_dir() and (ck_dir / "iter_000000002").is_dir()
     assert [s for s, _ in layout.committed_iterations(ck_dir)] == [3]
+
+
+# ------------------------------------------------------------------- convert's target
+def test_convert_refuses_a_committed_iteration_and_a_non_empty_dir(tmp_path):
+    from typer.testing import CliRunner
+
+    from cosmos_train.checkpoint.integrity import verify
+    from cosmos_train.cli import app
+
+    ck_dir, states = _run(tmp_path / "run", steps=(1,))
+    it = ck_dir / "iter_000000001"
+    torch.save({"net.head.weight": torch.zeros(3, 8)}, tmp_path / "m.pt")
+    before = {p: p.read_bytes() for p in it.rglob("*") if p.is_file()}
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "m.pt"), str(it), "--no-progress"], terminal_width=300)
+    assert r.exit_code == 2 and "is a committed training checkpoint" in r.output, r.output
+    assert {p: p.read_bytes() for p in it.rglob("*") if p.is_file()} == before and verify(it) == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "m.pt"), str(other), "--no-progress"], terminal_width=300)
+    assert r.exit_code == 2 and "directory is not empty" in r.output, r.output
+    parts, ck = _fresh(tmp_path / "run")
+    assert ck.load() == 1  # untouched, still resumable
+    # --force: the iteration stops being committed before its model part changes
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "m.pt"), str(it), "--no-progress", "--force"])
+    assert r.exit_code == 0, r.output
+    assert not layout.is_committed(it) and not (it / "MANIFEST.json").exists()
+    assert layout.committed_iterations(ck_dir) == []
