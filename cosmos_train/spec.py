@@ -249,6 +249,9 @@ class TrainerSpec(_Section):
         "auto", description="Parameter dtype in compute: auto = bf16 on CUDA, fp32 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     loss_scale: float = Field(10.0, gt=0, description="Multiplier of the diffusion loss (upstream 10).")
+    max_nonfinite_steps: int = Field(
+        3, gt=0, description="Stop the run after this many consecutive NaN/inf losses (checked on logging and "
+                             "saving steps).")
 
     @field_validator("validation_sigmas")
     @classmethod

@@ -29,6 +29,7 @@ from cosmos_train.errors import CosmosTrainError
 from cosmos_train.models.diffusion import training_loss
 from cosmos_train.models.ema import PowerEMA
 from cosmos_train.models.tokenizer import build_tokenizer
+from cosmos_train.nonfinite import NonFiniteGuard
 from cosmos_train.optim import build_optimizer, build_scheduler
 from cosmos_train.preemption import Preemption
 from cosmos_train.run_dir import prepare_run_dir
@@ -196,6 +197,7 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
     batches = _Batches(loader, tokenizer, device)
     samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
     window_loss, window_start, window_steps, window_saves = 0.0, time.perf_counter(), 0, len(ckpt.stats)
+    guard = NonFiniteGuard(tr.max_nonfinite_steps, device)
     for step in range(result.start_step, tr.max_iter):
         ckpt.check()  # a failed background save raises here, at the next step
         step_start = time.perf_counter()
@@ -211,6 +213,7 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
                                     loss_scale=tr.loss_scale)
             (loss * (dims.cp / tr.grad_accum_iter)).backward()
             loss_sum += loss.detach()
+        guard.update(loss_sum)
         grad_norm = clip_grad_norm(params, tr.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         if math.isfinite(grad_norm):
@@ -229,6 +232,9 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
         tlog.step(done, f"loss {loss_value:.4f}")
 
+        saving = done % spec.checkpoint.save_iter == 0 or done == tr.max_iter
+        if done % tr.logging_iter == 0 or saving:
+            guard.check(done)  # never save (or go on logging) a diverged run
         if done % tr.logging_iter == 0 or done == tr.max_iter:
             elapsed = time.perf_counter() - window_start
             blocked = sum(s.blocking_s for s in ckpt.stats[window_saves:])
@@ -242,6 +248,7 @@ def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenize
             result.val_losses[done] = val
             tlog.write(done, {"loss": val, "sigmas": len(tr.validation_sigmas)}, kind="val")
         if preemption.agreed(device):
+            guard.check(done)
             ckpt.save(done, force=True)
             result.preempted = True
             log(f"stopped at step {done} after a signal; resume with `cosmos-train resume {result.run_dir}`")

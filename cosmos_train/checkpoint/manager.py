@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -154,6 +155,7 @@ class Checkpointer:
         stats = SaveStats(step=step, mode=self.mode + ("/process" if self._process else ""))
         tmp = layout.temp_iteration_dir(self.dir, step, self._token)
         parts = self._state_dicts()
+        self._refuse_nonfinite(parts["model"], step)
         if self.mode == "off":
             self._write_and_commit(parts, tmp, step, stats, pg=None)
             stats.blocking_s = time.perf_counter() - t0
@@ -176,6 +178,28 @@ class Checkpointer:
             stats.blocking_s = time.perf_counter() - t0
         self._last_saved = step
         return True
+
+    def _refuse_nonfinite(self, model_sd: dict, step: int) -> None:
+        """Raise (on every rank) if a weight is NaN/inf: such a checkpoint is never committed, so
+        retention cannot rotate the last finite one away. One host read per save."""
+        keys, flags = [], []
+        for k, v in model_sd.items():
+            t = v.to_local() if isinstance(v, DTensor) else v
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                keys.append(k)
+                flags.append(torch.isfinite(t).all())
+        bad = None
+        if flags:
+            ok = torch.stack(flags).cpu()
+            bad = None if bool(ok.all()) else keys[int((~ok).nonzero()[0])]
+        if world() > 1:
+            every = [None] * world()
+            dist.all_gather_object(every, bad)
+            bad = next((b for b in every if b is not None), None)
+        if bad is not None:
+            latest = layout.read_latest(self.dir)
+            raise CheckpointError(f"refusing to save step {step}: weight {bad} holds NaN/inf (the run diverged); "
+                                  f"the last committed checkpoint ({latest.name if latest else 'none'}) is kept")
 
     def _background(self, staged, tmp, step, stats) -> None:
         self._write_and_commit(staged, tmp, step, stats, pg=self._pg)
