@@ -273,6 +273,10 @@ def verify(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:
         manifest = read_manifest(root)
     except CheckpointError as e:
         manifest, problems = None, [str(e)]
+    if manifest is None and not problems and (root / COMMITTED_MARKER).is_file():
+        # COMMITTED is only ever written by this toolkit, always after the manifest: its absence is damage
+        problems.append(f"{root / MANIFEST_FILE}: missing, but the iteration is committed (this toolkit writes "
+                        f"the manifest before {COMMITTED_MARKER}); integrity cannot be checked")
     if manifest is not None:
         for rel, want in manifest.get("files", {}).items():
             f = root / rel
@@ -315,6 +319,16 @@ def adopt_uncommitted(ckpt_dir: str | Path) -> list[Path]:
         newest = layout.committed_iterations(ckpt_dir)[-1][1]
         layout.atomic_write_text(Path(ckpt_dir) / layout.LATEST_FILE, newest.name + "\n")
     return adopted
+
+
+def checks_run(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:
+    """What `verify` (plus a read-back) checks for this iteration, for reports such as `inspect --verify`."""
+    root = Path(iter_dir)
+    if (root / MANIFEST_FILE).is_file():
+        done = ["manifest (every file present, sizes)"] + (["CRC32 of every file"] if checksums else [])
+    else:
+        done = ["no manifest (upstream checkpoint): file checksums not available"]
+    return done + ["DCP metadata against shard files"]
 
 
 def check_loadable(iter_dir: str | Path, parts: tuple[str, ...] = PARTS) -> None:

@@ -29,6 +29,7 @@ def inspect(
     """
     from cosmos_train.checkpoint import layout
     from cosmos_train.checkpoint.inspect import deep_verify, list_iteration_rows, resolve_for_inspect, tensor_rows
+    from cosmos_train.checkpoint.integrity import checks_run
 
     ckpt_dir, iter_dir = resolve_for_inspect(path)
     if iter_dir is None and iteration is not None:
@@ -63,6 +64,7 @@ def inspect(
             for p in problems:
                 console.print(f"  {p}", highlight=False)
         else:
-            console.print(f"[green]{t.name}: OK[/green] (manifest, checksums, every tensor read back)")
+            checks = ", ".join(checks_run(t) + ["every tensor read back"])
+            console.print(f"[green]{t.name}: OK[/green] ({checks})", highlight=False)
     if bad:
         raise CheckpointError(f"{bad} checkpoint(s) failed verification (see above)")

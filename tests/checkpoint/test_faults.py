@@ -153,3 +153,37 @@ def test_convert_refuses_a_committed_iteration_and_a_non_empty_dir(tmp_path):
     assert r.exit_code == 0, r.output
     assert not layout.is_committed(it) and not (it / "MANIFEST.json").exists()
     assert layout.committed_iterations(ck_dir) == []
+
+
+# -------------------------------------------------------------------- a missing manifest
+def test_missing_manifest_in_a_committed_iteration_is_damage(tmp_path, caplog):
+    from typer.testing import CliRunner
+
+    from cosmos_train.cli import app
+
+    ck_dir, states = _run(tmp_path)
+    (ck_dir / "iter_000000002" / "MANIFEST.json").unlink()
+    r = CliRunner().invoke(app, ["inspect", str(ck_dir / "iter_000000002"), "--verify"], terminal_width=300)
+    assert r.exit_code == 2 and "MANIFEST.json: missing, but the iteration is committed" in r.output, r.output
+    _, ck = _fresh(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match="MANIFEST.json: missing"):
+        ck.load()
+    parts, ck = _fresh(tmp_path, fallback_to_previous=True)
+    assert ck.load() == 1
+    assert_same(states[1], full_state(parts))
+    r = CliRunner().invoke(app, ["inspect", str(ck_dir / "iter_000000001"), "--verify"], terminal_width=300)
+    assert r.exit_code == 0 and "CRC32 of every file" in r.output, r.output
+
+
+def test_inspect_says_which_checks_ran_on_an_upstream_iteration(tmp_path):
+    from typer.testing import CliRunner
+
+    from cosmos_train.cli import app
+
+    ck_dir, _ = _run(tmp_path, steps=(1,))
+    it = ck_dir / "iter_000000001"
+    (it / layout.COMMITTED_MARKER).unlink()
+    (it / "MANIFEST.json").unlink()
+    r = CliRunner().invoke(app, ["inspect", str(it), "--verify"], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    assert "no manifest (upstream checkpoint)" in r.output and "CRC32" not in r.output
