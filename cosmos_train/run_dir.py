@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cosmos_train.errors import SpecError
+from cosmos_train.errors import CosmosTrainError, SpecError
 from cosmos_train.spec import ExperimentSpec, load_spec
 
 SPEC_FILE = "spec.toml"
@@ -54,9 +54,17 @@ def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:
     """Write the resolved spec atomically as RUN_DIR/spec.toml (it holds no secrets)."""
     from cosmos_train.checkpoint.layout import atomic_write_text
 
+    from cosmos_train.checkpoint.disk import disk_full_message, is_disk_full
+
     make_run_dir(run_dir)
     path = run_dir / SPEC_FILE
-    atomic_write_text(path, spec.to_toml())  # the temp file is removed on any error (e.g. a full disk)
+    text = spec.to_toml()
+    try:
+        atomic_write_text(path, text)  # the temp file is removed on any error
+    except OSError as e:
+        if is_disk_full(e):
+            raise CosmosTrainError(disk_full_message(path, need=len(text.encode()), what="the run's spec")) from None
+        raise
     return path
 
 

@@ -89,8 +89,11 @@ class RunLock:
                 if h:
                     log.warning("%s: stale lock of %s taken over (that process is gone)", self.path, _describe(h))
             record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, record.encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record.encode(), 0)
+            except OSError as e:  # e.g. a full disk: the flock holds anyway; only the holder's name is lost
+                log.warning("%s: cannot record the lock holder (%s)", self.path, e.strerror)
         except BaseException:
             os.close(fd)
             raise

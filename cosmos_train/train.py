@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from cosmos_train.checkpoint.collectives import agree
+from cosmos_train.checkpoint.layout import checkpoints_dir, remove_partial
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.checkpoint.trainer_state import TrainerState, derived_seed
 from cosmos_train.data.loader import build_dataloader
@@ -128,6 +129,8 @@ def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_ch
         if info.is_main:  # rank 0 holds the run dir for the whole run; every rank learns a refusal
             try:
                 lock.acquire()
+                # our own half-written saves first: on a full disk they hold the space the spec needs
+                remove_partial(checkpoints_dir(run_dir))
                 prepare_run_dir(spec, run_dir)
             except CosmosTrainError as e:
                 lock.release()

@@ -34,6 +34,7 @@ import torch
 
 from cosmos_train.checkpoint import lora_export
 from cosmos_train.checkpoint.dcp_reader import DcpTensorReader, group_by_bytes
+from cosmos_train.checkpoint.disk import disk_full_message, free_bytes, is_disk_full
 from cosmos_train.checkpoint.layout import find_run_dir, resolve_iteration_dir
 from cosmos_train.checkpoint.tensor_files import TensorEntry, open_tensor_file
 from cosmos_train.errors import CheckpointError, CosmosTrainError
@@ -324,6 +325,9 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         items = _plan(reader, mapping, dtype=dt, merge=merge)
     total = sum(it.out.nbytes for it in items)
     out.parent.mkdir(parents=True, exist_ok=True)
+    free = free_bytes(out.parent)
+    if free is not None and free < total:
+        raise CheckpointError(disk_full_message(out, need=total, what="the consolidated weights"))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -344,6 +348,10 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
             written = moves[-1][0] / lora_export.ADAPTER_WEIGHTS if adapter_only else moves[-1][0]
             _verify(reader, items, merge, written, progress)
         _replace(moves)
+    except OSError as e:
+        if is_disk_full(e):  # the partial output is removed below
+            raise CheckpointError(disk_full_message(out, need=total, what="the consolidated weights")) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = ConsolidateReport(it_dir, [m[1] for m in moves], len(items), total, time.perf_counter() - t0,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from cosmos_train.checkpoint import layout
 from cosmos_train.checkpoint.collectives import IdentityStager, agree, barrier, describe_failure, dist_on, rank, world
 from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
+from cosmos_train.checkpoint.disk import disk_full_message, is_disk_full
 from cosmos_train.checkpoint.integrity import (
     ChecksummingFileSystem, adopt_uncommitted, check_loadable, data_files, file_entry, read_manifest, verify_reads, write_manifest)
 from cosmos_train.checkpoint.sources import (
@@ -220,7 +222,14 @@ class Checkpointer:
             for name, sd in parts.items():
                 self._write_part(sd, tmp / name, pg)
         except _FAILURES as e:
-            raise CheckpointError(f"saving step {step} into {tmp} failed: {describe_failure(e)}") from e
+            if rank(pg) == 0:  # our own half-written dir: free its space now (every rank has stopped writing)
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = layout.read_latest(self.dir)
+            kept = f"; the last committed checkpoint ({latest.name}) is intact" if latest else ""
+            if is_disk_full(e):
+                raise CheckpointError(disk_full_message(tmp, need=_nbytes(parts), what=f"checkpoint step {step}")
+                                      + kept + f" ({describe_failure(e)})") from e
+            raise CheckpointError(f"saving step {step} into {tmp} failed: {describe_failure(e)}{kept}") from e
         t1 = time.perf_counter()
         stats.write_s = t1 - t0
         # Every rank reports the checksums of the files it wrote (taken while writing); rank 0
@@ -274,6 +283,9 @@ class Checkpointer:
             layout.purge(self.dir, self.ckpt.keep_last, self.ckpt.keep_every, protect=[final])
             return sum(v["size"] for v in entries.values())
         except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # only if the rename did not happen yet
+            if is_disk_full(e):
+                return disk_full_message(tmp, need=None, what=f"the manifest/marker of step {step}")
             return f"{type(e).__name__}: {e}"
 
     def _state_dicts(self) -> dict[str, dict]:
@@ -509,6 +521,17 @@ class Checkpointer:
             self.ema.load_state_dict(get_model_state_dict(self.model))
         elif esd is not None:
             self.ema.load_state_dict(esd)
+
+
+def _nbytes(parts: dict) -> int:
+    """Bytes of the tensors in (nested) state dicts: this rank's share of a save, all ranks for a DTensor."""
+    total = 0
+    for v in parts.values():
+        if isinstance(v, dict):
+            total += _nbytes(v)
+        elif isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()  # a DTensor reports its global size
+    return total
 
 
 def _damage(e: BaseException) -> bool:

@@ -74,6 +74,40 @@ def pickle_tensor_dict(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) 
     return buf.getvalue()
 
 
+class _GuardedFile:
+    """A binary file whose `write` never raises into torch's C++ zip writer.
+
+    A failed write there (a full disk) throws again from the writer's destructor, which aborts
+    the process (exit 134). The first OSError is kept instead, later writes are dropped, and
+    PtWriter raises it from Python.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._f = open(path, "wb")
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        n = memoryview(b).nbytes
+        if self.error is None:
+            try:
+                self._f.write(b)
+            except OSError as e:
+                self.error = e
+            except ValueError:  # closed already (the writer's destructor finalising late): drop it
+                pass
+        return n
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError as e:
+            self.error = self.error or e
+
+
 class PtWriter:
     """Write a `.pt` holding a flat dict of tensors, one tensor at a time, in a fixed order.
 
@@ -90,8 +124,9 @@ class PtWriter:
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         self._entries = [(n, d, tuple(s)) for n, d, s in entries]
         self._next = 0
+        self._file = _GuardedFile(path)
         self._zip = torch._C.PyTorchFileWriter(
-            str(path), torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment())
+            self._file, torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment())
         # Same records, same order as torch.serialization._save.
         data = pickle_tensor_dict(self._entries)
         self._zip.write_record("data.pkl", data, len(data))
@@ -110,6 +145,7 @@ class PtWriter:
         start = t.storage_offset() * t.element_size()
         # A storage slice shares memory: a view into a larger buffer is written without a copy.
         self._zip.write_record(f"data/{self._next}", t.untyped_storage()[start:start + t.nbytes], t.nbytes)
+        self._file.raise_error()
         self._next += 1
 
     def close(self) -> None:
@@ -117,6 +153,8 @@ class PtWriter:
         if self._next != len(self._entries):
             raise ValueError(f"PtWriter: {len(self._entries) - self._next} tensors not written")
         self._zip.write_end_of_file()
+        self._file.close()
+        self._file.raise_error()
 
     def __enter__(self) -> PtWriter:
         return self
@@ -130,6 +168,7 @@ class PtWriter:
                 self._zip.write_end_of_file()
             except Exception:  # noqa: BLE001 - the original exception matters more
                 pass
+            self._file.close()
 
 
 def load_pt(path: str | Path, **kwargs):

@@ -187,3 +187,57 @@ def test_inspect_says_which_checks_ran_on_an_upstream_iteration(tmp_path):
     r = CliRunner().invoke(app, ["inspect", str(it), "--verify"], terminal_width=300)
     assert r.exit_code == 0, r.output
     assert "no manifest (upstream checkpoint)" in r.output and "CRC32" not in r.output
+
+
+# --------------------------------------------------------------------------- disk full
+from tests.checkpoint.small_disk import small_disk  # noqa: E402,F401  (fixture)
+
+
+def test_save_on_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_partial(small_disk):
+    disk = small_disk(4 << 20)
+    run = disk.root / "run"
+    ck_dir, states = _run(run, steps=(1,))
+    parts, ck = _fresh(run)
+    assert ck.load() == 1
+    train_steps(parts, 1)
+    disk.fill(leave=8 << 10)
+    with pytest.raises(CheckpointError, match=r"iter_000000002\.tmp-\w+: disk full \(ENOSPC\) while writing "
+                                              r"checkpoint step 2: needs about [\d.]+ KB, .* free.*"
+                                              r"\(iter_000000001\) is intact") as e:
+        ck.save(2)
+    assert "unexpected pos" not in str(e.value)
+    ck.close()
+    assert layout.partial_dirs(ck_dir) == [] and [s for s, _ in layout.committed_iterations(ck_dir)] == [1]
+    parts, ck = _fresh(run)
+    assert ck.load() == 1
+    assert_same(states[1], full_state(parts))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_consolidate_to_a_full_disk_is_a_clean_error_without_output(small_disk, tmp_path, monkeypatch, suffix):
+    from cosmos_train.checkpoint import consolidate as consolidate_mod
+
+    ck_dir, _ = _run(tmp_path / "run", steps=(1,))
+    disk = small_disk(1 << 20)
+    disk.fill(leave=0)
+    out = disk.root / f"model{suffix}"
+    with pytest.raises(CheckpointError, match=r"disk full \(ENOSPC\) while writing the consolidated weights"):
+        consolidate_mod.consolidate(ck_dir / "iter_000000001", out, progress=False)  # refused up front
+    # and when the space runs out during the write (the up-front check passed): no abort, no output
+    monkeypatch.setattr(consolidate_mod, "free_bytes", lambda p: None)
+    with pytest.raises(CheckpointError, match=r"disk full \(ENOSPC\) while writing the consolidated weights"):
+        consolidate_mod.consolidate(ck_dir / "iter_000000001", out, progress=False)
+    assert [p.name for p in disk.root.iterdir() if not p.name.startswith("filler")] == []
+
+
+def test_spec_on_a_full_disk_is_a_clean_error_without_temp_files(small_disk):
+    from cosmos_train.errors import CosmosTrainError
+    from cosmos_train.run_dir import write_spec
+    from cosmos_train.spec import ExperimentSpec
+
+    disk = small_disk(256 << 10)
+    (disk.root / "run").mkdir()
+    disk.fill(leave=0)
+    with pytest.raises(CosmosTrainError, match=r"spec\.toml: disk full \(ENOSPC\) while writing the run's spec"):
+        write_spec(ExperimentSpec(), disk.root / "run")
+    assert list((disk.root / "run").iterdir()) == []
