@@ -2,8 +2,10 @@
 
     python benchmarks/checkpoint_save.py [--gb 1.0] [--dir /tmp/ckbench] [--ranks 2]
 
-Baseline: the same bytes written from Python with fsync (each rank writes its shard
-to one file), i.e. the disk limit. Measured with the project's Checkpointer:
+Baselines: the same bytes written from Python with fsync (each rank writes its shard
+to one file), i.e. the disk limit; and torch's own `dcp.async_save` (thread writer,
+default stager) of the model state dict, whose blocking time the async modes are held
+to. Measured with the project's Checkpointer:
 sync save (async_mode=off), async blocking and total, async_pinned blocking and
 total (its second save reuses the staging buffers), and resume (load). The cost of
 verifying CRCs while loading is measured against torch's own FileSystemReader on the
@@ -87,6 +89,25 @@ def _bench(rank, world, root, gb):
     if rank == 0:
         shutil.rmtree(raw)
 
+    def torch_async_save(steps):
+        """torch's `dcp.async_save`: blocking = until it returns, total = until its future resolves."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        pg = dist.new_group(backend="gloo")  # like the Checkpointer: background collectives on their own group
+        res = []
+        for step in steps:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fut = dcp.async_save({"model": get_model_state_dict(model)}, checkpoint_id=str(root / f"torch_{step}"),
+                                 process_group=pg)
+            blocking = _max(time.perf_counter() - t0)
+            fut.result()
+            total = _max(time.perf_counter() - t0)
+            res.append((blocking, total))
+        dist.destroy_process_group(pg)
+        return res
+
     def run(mode, steps):
         ck = Checkpointer(CheckpointSpec(save_iter=1, async_mode=mode, keep_last=1), root / mode, model=model)
         res = []
@@ -101,6 +122,8 @@ def _bench(rank, world, root, gb):
         ck.close()
         return res
 
+    (_, _), (b, s) = torch_async_save([1, 2])  # the second: warm, like the pinned modes' later saves
+    out["torch_async_save_blocking_s"], out["torch_async_save_total_s"] = b, s
     (b, s), = run("off", [1])
     out["sync_save_s"] = s
     out["sync_save_gbps"] = total_bytes / s / 1e9
@@ -124,6 +147,9 @@ def _bench(rank, world, root, gb):
     out["ratio_sync_vs_raw"] = out["sync_save_gbps"] / out["raw_write_gbps"]
     out["ratio_async_blocking_vs_sync"] = out["async_blocking_s"] / out["sync_save_s"]
     out["ratio_async_pinned_blocking_vs_sync"] = out["async_pinned_blocking_s"] / out["sync_save_s"]
+    out["ratio_torch_async_save_blocking_vs_sync"] = out["torch_async_save_blocking_s"] / out["sync_save_s"]
+    out["ratio_async_blocking_vs_torch"] = out["async_blocking_s"] / out["torch_async_save_blocking_s"]
+    out["ratio_async_pinned_blocking_vs_torch"] = out["async_pinned_blocking_s"] / out["torch_async_save_blocking_s"]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -137,7 +163,7 @@ def _load_verify_cost(model, run_dir: Path, total_bytes: float) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from cosmos_train.checkpoint.collectives import agree
-    from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader
+    from cosmos_train.export.dcp_safe import SafePlanner, SafeReader
     from cosmos_train.checkpoint.integrity import read_manifest, verify_reads
 
     it = run_dir / "checkpoints" / "iter_000000001"

@@ -7,8 +7,8 @@ DTensors, as FSDP2 writes them). Then each converter runs in a fresh process:
 
   torch/.pt           torch.distributed.checkpoint.format_utils.dcp_to_torch_save
   torch/.safetensors  the same full load (_EmptyStateDictLoadPlanner), then safetensors.torch.save_file
-  ours/.pt            cosmos_train.checkpoint.consolidate.consolidate(..., "model.pt")
-  ours/.safetensors   cosmos_train.checkpoint.consolidate.consolidate(..., "model.safetensors")
+  ours/.pt            cosmos_train.export.consolidate.consolidate(..., "model.pt")
+  ours/.safetensors   cosmos_train.export.consolidate.consolidate(..., "model.safetensors")
 
 Reported per run: `seconds` (the conversion, timed inside the process),
 `process_seconds` (the whole fresh process, start-up included) and `peak_rss_gib`
@@ -134,7 +134,7 @@ def worker(tool: str, src: str, out: str) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from cosmos_train.checkpoint.consolidate import consolidate
+    from cosmos_train.export.consolidate import consolidate
 
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()

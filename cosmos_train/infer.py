@@ -1,14 +1,15 @@
 """Video2World inference: condition on an input frame, sample a clip, decode, write an mp4.
 
-The architecture comes from the run's saved spec (found beside the checkpoint) unless a
-spec is given; LoRA adapters come from their PEFT directory (rank, alpha and targets
-from `adapter_config.json`), so nobody repeats them by hand.
+The architecture comes from `--spec`, else from the checkpoint itself: a DCP checkpoint's
+run dir keeps `spec.toml`, and a consolidated file records the spec it was exported with
+(`export.described`). LoRA adapters come from their PEFT directory (rank, alpha and
+targets from `adapter_config.json`), so nobody repeats them by hand. Weights load through
+`export.load.load_weights`, the loader that training uses.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,24 +17,24 @@ import av
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
-from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
-from cosmos_train.checkpoint.integrity import check_reads
 from cosmos_train.checkpoint.layout import find_run_dir
-from cosmos_train.checkpoint.sources import EMA, REG, Source, load_full_weights, resolve_load_path
 from cosmos_train.data.embeddings import EmbeddingStore
 from cosmos_train.data.video import resize_video, write_mp4
-from cosmos_train.errors import CheckpointError, CosmosTrainError
+from cosmos_train.errors import CosmosTrainError
+from cosmos_train.export.described import read_described_spec
+from cosmos_train.export.load import Source, load_weights, resolve_load_path
+from cosmos_train.export.tensor_source import open_source
 from cosmos_train.models.dit import DiT
 from cosmos_train.models.lora import apply_lora, load_adapter
+from cosmos_train.models.lora_keys import is_lora_key
 from cosmos_train.models.sampler import sample
 from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.run_dir import SPEC_FILE
 from cosmos_train.runtime.attention import build_attention
 from cosmos_train.runtime.context_parallel import apply_context_parallel
 from cosmos_train.runtime.distributed import distributed, log
-from cosmos_train.spec import ExperimentSpec, LoraSpec, ParallelSpec, load_spec
+from cosmos_train.spec import ExperimentSpec, LoraSpec, ParallelSpec, load_spec, load_spec_text
 
 MAX_TEXT_TOKENS = 512
 
@@ -124,69 +125,41 @@ def read_condition_frames(path: Path, size: tuple[int, int], count: int) -> torc
 
 
 # ---------------------------------------------------------------------- model
-def _spec_beside(checkpoint: Path) -> Path | None:
-    for parent in [checkpoint, *checkpoint.parents][:5]:
-        if (parent / SPEC_FILE).is_file():
-            return parent / SPEC_FILE
-    return None
-
-
 def resolve_spec(req: InferenceRequest, source: Source) -> ExperimentSpec:
-    """`--spec`, else the run's spec.toml beside the checkpoint; a clear error if neither exists."""
+    """`--spec`, else the DCP run's spec.toml, else the spec a consolidated file records; else a clear error."""
     if req.spec is not None:
         return load_spec(req.spec)
-    run_dir = find_run_dir(source.path) if source.kind == "dcp" else None
-    found = (run_dir / SPEC_FILE) if run_dir and (run_dir / SPEC_FILE).exists() else _spec_beside(source.path)
-    if found is None:
-        raise CosmosTrainError(f"{source}: no spec.toml beside the checkpoint; pass --spec SPEC.toml "
-                               "(the spec the model was trained with)")
-    return load_spec(found)
+    if source.kind == "dcp":
+        run_dir = find_run_dir(source.path)
+        if run_dir is not None:
+            return load_spec(run_dir / SPEC_FILE)
+    else:
+        text = read_described_spec(source.path)
+        if text is not None:
+            return load_spec_text(text, source=f"{source} (recorded spec)")
+    raise CosmosTrainError(f"{source}: the checkpoint records no spec (not in a run dir, not exported by "
+                           f"`cosmos-train consolidate` from one); pass --spec SPEC.toml (the spec the model "
+                           f"was trained with)")
 
 
-def _file_has_lora(source: Source) -> bool:
-    if source.kind == "safetensors":
-        from cosmos_train.checkpoint.safetensors_io import SafetensorsReader
-
-        return any(".lora_" in k for k in SafetensorsReader(source.path).entries)
-    from cosmos_train.checkpoint.pt_io import load_pt
-
-    return any(".lora_" in k for k in load_pt(source.path, map_location="meta", mmap=True))
-
-
-def _load_dcp_model(model: torch.nn.Module, iter_dir: Path, *, prefix: str) -> None:
-    model_dir = iter_dir / "model"
-    if not (model_dir / ".metadata").exists():
-        raise CheckpointError(f"{model_dir / '.metadata'}: missing; not a DCP model checkpoint")
-    saved = set(read_metadata(model_dir).state_dict_metadata)
-    wanted = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
-    missing = sorted(set(wanted) - saved)
-    if missing:
-        raise CheckpointError(f"{model_dir}: {len(missing)} weights missing for this model, e.g. {missing[:3]}"
-                              + (" (saved without EMA? drop --ema)" if prefix == EMA else ""))
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        reader = SafeReader(model_dir)
-        dcp.load(wanted, storage_reader=reader, planner=SafePlanner(allow_partial_load=True, source=model_dir),
-                 no_dist=True)
-    check_reads(iter_dir, "model", [reader.segments])
+def _without_lora(spec: ExperimentSpec) -> ExperimentSpec:
+    data = spec.model_dump()  # a merged export holds plain DiT weights: build the DiT without adapters
+    data["model"].update(train_architecture="full", lora=LoraSpec().model_dump())
+    return ExperimentSpec.model_validate(data)
 
 
 def build_inference_model(req: InferenceRequest, device: torch.device) -> tuple[DiT, ExperimentSpec]:
     """The DiT with the checkpoint's weights (and the optional adapter), in eval mode on `device`."""
     source = resolve_load_path(req.checkpoint)
     spec = resolve_spec(req, source)
-    if source.kind != "dcp" and spec.model.train_architecture == "lora" and not _file_has_lora(source):
-        data = spec.model_dump()  # a merged export holds plain DiT weights: build the DiT without adapters
-        data["model"].update(train_architecture="full", lora=LoraSpec().model_dump())
-        spec = ExperimentSpec.model_validate(data)
+    if source.kind != "dcp" and spec.model.train_architecture == "lora" and \
+            not any(is_lora_key(k) for k in open_source(source.path).entries):  # --spec of the run, merged file
+        spec = _without_lora(spec)
     model = DiT(spec.model.dit_config(), attention=lambda: build_attention(spec.parallel.attention,
                                                                             device_type=device.type))
     if spec.model.train_architecture == "lora":
         apply_lora(model, spec.model.lora)
-    if source.kind == "dcp":
-        _load_dcp_model(model, source.path, prefix=EMA if req.ema else REG)
-    else:
-        load_full_weights(source, model, ema_to_reg=req.ema)
+    load_weights(source, model, ema_to_reg=req.ema)
     if req.lora is not None:
         load_adapter(model, req.lora)
     log(f"loaded {'EMA ' if req.ema else ''}weights from {source}" + (f" + adapter {req.lora}" if req.lora else ""))

@@ -54,7 +54,7 @@ def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:
     """Write the resolved spec atomically as RUN_DIR/spec.toml (it holds no secrets)."""
     from cosmos_train.checkpoint.layout import atomic_write_text
 
-    from cosmos_train.checkpoint.disk import disk_full_message, is_disk_full
+    from cosmos_train.disk import disk_full_message, is_disk_full
 
     make_run_dir(run_dir)
     path = run_dir / SPEC_FILE
@@ -73,9 +73,17 @@ def prepare_run_dir(spec: ExperimentSpec, run_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir) if run_dir is not None else spec.run_dir()
     saved = run_dir / SPEC_FILE
     if saved.exists():
-        changes = architecture_changes(load_spec(saved), spec)
+        old = load_spec(saved)
+        changes = architecture_changes(old, spec)
         if changes:
             raise SpecError(f"{saved}: the run was created with another architecture; start a new run "
                             "(job.name=...) or restore these fields:\n" + "\n".join(changes))
+        from cosmos_train.checkpoint.layout import checkpoints_dir, committed_iterations
+
+        if old.job.seed != spec.job.seed and committed_iterations(checkpoints_dir(run_dir)):
+            # the checkpoint's RNG streams and data order win; spec.toml must not claim another seed
+            raise SpecError(f"{saved}: job.seed: fixed once a run has checkpoints (the data order and random "
+                            f"streams continue from them): {old.job.seed} -> {spec.job.seed}; start a new run "
+                            f"(job.name=...) to change it")
     write_spec(spec, run_dir)
     return run_dir

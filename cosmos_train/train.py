@@ -31,7 +31,7 @@ from cosmos_train.models.diffusion import training_loss
 from cosmos_train.models.ema import PowerEMA
 from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.nonfinite import NonFiniteGuard
-from cosmos_train.optim import build_optimizer, build_scheduler
+from cosmos_train.optim import apply_optimizer_spec, build_optimizer, build_scheduler
 from cosmos_train.preemption import Preemption
 from cosmos_train.run_dir import prepare_run_dir
 from cosmos_train.run_lock import RunLock
@@ -173,6 +173,9 @@ def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_d
         if require_checkpoint and start == 0:
             raise CosmosTrainError(f"{run_dir}: no committed checkpoint to resume from "
                                    f"(start it with `cosmos-train run {run_dir / 'spec.toml'}`)")
+        if start > 0:  # the spec (with any resume overrides) trains, not the restored hyperparameters
+            for change in apply_optimizer_spec(spec.optimizer, optimizer, scheduler):
+                log(f"resume: {change} (from the spec; the checkpoint had the old value)")
         _sync_generator(generator, dims)
         result = TrainResult(run_dir=run_dir, start_step=start, end_step=start)
         if start >= tr.max_iter:

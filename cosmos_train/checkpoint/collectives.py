@@ -3,30 +3,6 @@
 from __future__ import annotations
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
-
-
-class IdentityStager:
-    """An AsyncStager that returns what it is given (we stage ourselves, before the hand-off)."""
-
-    _synchronize_after_execute = False
-    should_synchronize_after_execute = False
-
-    def stage(self, state_dict, **_):
-        return state_dict
-
-    def synchronize_staging(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def describe_failure(e: BaseException) -> str:
-    """One line per failing rank for DCP's CheckpointException (its str() holds whole tracebacks)."""
-    if isinstance(e, CheckpointException):
-        return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, (x, _) in sorted(e.failures.items()))
-    return f"{type(e).__name__}: {e}"
 
 
 def dist_on() -> bool:

@@ -1,4 +1,5 @@
-"""Library side of `cosmos-train inspect`: iterations of a run, tensors of one iteration, deep verify."""
+"""Library side of `cosmos-train inspect`: iterations of a run, tensors of one iteration or of a consolidated
+file (any `TensorSource`), deep verify."""
 
 from __future__ import annotations
 
@@ -50,36 +51,31 @@ def list_iteration_rows(ckpt_dir: str | Path) -> list[IterationRow]:
 
 def tensor_rows(iter_dir: str | Path) -> list[TensorRow]:
     """Every tensor of every DCP part of an iteration, from the metadata only (no data read)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from cosmos_train.checkpoint.dcp_safe import read_metadata
+    from cosmos_train.export.dcp_source import DcpSource
 
     rows = []
     for part in layout.PARTS:
         d = Path(iter_dir) / part
         if not (d / ".metadata").is_file():
             continue
-        md = read_metadata(d)
-        for key, m in sorted(md.state_dict_metadata.items()):
-            if isinstance(m, TensorStorageMetadata):
-                dtype = m.properties.dtype
-                numel = 1
-                for s in m.size:
-                    numel *= s
-                rows.append(TensorRow(part, key, tuple(m.size), str(dtype).removeprefix("torch."),
-                                      numel * dtype.itemsize))
-            else:
-                rows.append(TensorRow(part, key, (), "object", 0))
-    return rows
+        src = DcpSource(d, check_files=False)
+        rows += [TensorRow(part, e.name, e.shape, str(e.dtype).removeprefix("torch."), e.nbytes)
+                 for e in src.entries.values()]
+        rows += [TensorRow(part, k, (), "object", 0) for k in src.non_tensor_keys]
+    return sorted(rows, key=lambda r: (layout.PARTS.index(r.part), r.name))
+
+
+def file_tensor_rows(path: str | Path) -> list[TensorRow]:
+    """Every tensor of a consolidated `.pt` / `.safetensors` / sharded index, from its header (no data read)."""
+    from cosmos_train.export.tensor_source import open_source
+
+    return [TensorRow("file", e.name, e.shape, str(e.dtype).removeprefix("torch."), e.nbytes)
+            for e in open_source(path).entries.values()]
 
 
 def read_back(iter_dir: str | Path) -> list[str]:
     """Read every tensor of every part (one at a time); returns problems naming the part and key."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
+    from cosmos_train.export.dcp_source import DcpSource
 
     problems = []
     for part in layout.PARTS:
@@ -87,21 +83,15 @@ def read_back(iter_dir: str | Path) -> list[str]:
         if not (d / ".metadata").is_file():
             continue
         try:
-            md = read_metadata(d)
+            src = DcpSource(d, check_files=False)
         except CheckpointError as e:
-            problems.append(str(e))
+            problems.append(str(e))  # names the file (refused, unreadable, missing shard)
             continue
-        for key, m in sorted(md.state_dict_metadata.items()):
-            if not isinstance(m, TensorStorageMetadata):
-                continue
-            t = torch.empty(m.size, dtype=m.properties.dtype)
+        for key in sorted(src.entries):
             try:
-                dcp.load({key: t}, storage_reader=SafeReader(d),
-                         planner=SafePlanner(allow_partial_load=True, source=d), no_dist=True)
-            except BaseException as e:  # DCP's CheckpointException is a BaseException
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
-                problems.append(f"{d}: tensor {key} cannot be read ({type(e).__name__})")
+                src.load([key])
+            except CheckpointError as e:
+                problems.append(f"{d}: tensor {key} cannot be read ({e.__cause__ and type(e.__cause__).__name__ or e})")
     return problems
 
 

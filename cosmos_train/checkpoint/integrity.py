@@ -20,12 +20,11 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from cosmos_train.checkpoint.layout import COMMITTED_MARKER, PARTS
+from cosmos_train.checkpoint.layout import COMMITTED_MARKER, MANIFEST_FILE, PARTS, read_manifest  # noqa: F401
 from cosmos_train.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "MANIFEST.json"
 MANIFEST_FORMAT = 1
 ALGORITHM = "crc32"
 _CHUNK = 8 << 20
@@ -128,20 +127,10 @@ def write_manifest(iter_dir: str | Path, entries: dict[str, dict], *, extra: dic
     return path
 
 
-def read_manifest(iter_dir: str | Path) -> dict | None:
-    """The parsed manifest, or None if the iteration has none (upstream checkpoint)."""
-    p = Path(iter_dir) / MANIFEST_FILE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: manifest is not valid JSON ({e})") from None
-
-
 def _dcp_metadata_problems(part_dir: Path) -> list[str]:
     """Every shard file named in the part's `.metadata` exists and is long enough."""
-    from cosmos_train.checkpoint.dcp_safe import read_metadata_file
+    from cosmos_train.export.dcp_safe import read_metadata_file
+    from cosmos_train.export.dcp_source import shard_problems
 
     meta_path = part_dir / ".metadata"
     if not meta_path.is_file():
@@ -150,113 +139,7 @@ def _dcp_metadata_problems(part_dir: Path) -> list[str]:
         md = read_metadata_file(meta_path)
     except CheckpointError as e:
         return [str(e)]
-    need: dict[str, int] = {}
-    for info in (md.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    problems = []
-    for rel, end in sorted(need.items()):
-        f = part_dir / rel
-        if not f.is_file():
-            problems.append(f"{f}: shard file named in {meta_path.name} is missing")
-        elif (size := f.stat().st_size) < end:
-            problems.append(f"{f}: truncated ({size} bytes, metadata needs {end})")
-    return problems
-
-
-# ----------------------------------------------------------------- CRCs of loads
-_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a * b modulo the CRC-32 polynomial (zlib's multmodp)."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-
-
-_X2N = [1 << 30]  # x^(2^n) mod p
-for _ in range(31):
-    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of A + B from crc(A), crc(B) and len(B) (zlib's crc32_combine; ~0.2 ms in Python)."""
-    p, n, k = 1 << 31, len2, 3
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return _multmodp(p, crc1) ^ crc2
-
-
-def _crc_range(f, start: int, end: int, crc: int) -> int:
-    f.seek(start)
-    while start < end:
-        chunk = f.read(min(_CHUNK, end - start))
-        if not chunk:
-            break
-        crc, start = zlib.crc32(chunk, crc), start + len(chunk)
-    return crc
-
-
-def _whole_file_crc(path: Path, runs: list, size: int) -> int:
-    """CRC-32 of the whole file from the runs read during a load; bytes no run covers are read now."""
-    crc, pos = 0, 0
-    with open(path, "rb") as f:
-        for start, end, run_crc in sorted(runs):
-            if end <= pos:
-                continue  # the same bytes read by another rank
-            if start < pos:  # partial overlap: not expected from DCP, read the new part
-                crc, pos = _crc_range(f, pos, end, crc), end
-                continue
-            crc = _crc_range(f, pos, start, crc)  # a gap: bytes this load did not need
-            crc, pos = crc32_combine(crc, run_crc, end - start), end
-        return _crc_range(f, pos, size, crc)
-
-
-def verify_reads(iter_dir: str | Path, part: str, shares: list[dict], manifest: dict | None) -> list[str]:
-    """Compare the CRCs taken while loading `part` (one `SafeReader.segments` per rank) with the manifest.
-
-    Every file that was read is checked as a whole; bytes of it that no rank needed are read
-    to complete its CRC (none for a full resume). Returns problems naming the file.
-    """
-    if manifest is None:
-        return []
-    root, files, problems = Path(iter_dir), manifest.get("files", {}), []
-    merged: dict[str, list] = {}
-    for share in shares:
-        for rel, runs in share.items():
-            merged.setdefault(rel, []).extend(runs)
-    for rel, runs in sorted(merged.items()):
-        path, want = root / part / rel, files.get(f"{part}/{rel}")
-        if want is None:
-            problems.append(f"{path}: not listed in {MANIFEST_FILE}")
-            continue
-        size = path.stat().st_size
-        if size != want["size"]:
-            problems.append(f"{path}: size {size} bytes, manifest says {want['size']}")
-            continue
-        got = f"{_whole_file_crc(path, runs, size) & 0xFFFFFFFF:08x}"
-        if got != want[ALGORITHM]:
-            problems.append(f"{path}: {ALGORITHM} mismatch (read {got}, {MANIFEST_FILE} says {want[ALGORITHM]}): "
-                            f"the file changed since the save")
-    return problems
-
-
-def check_reads(iter_dir: str | Path, part: str, shares: list[dict]) -> None:
-    """`verify_reads` against the iteration's manifest; CorruptCheckpointError listing the problems."""
-    from cosmos_train.errors import CorruptCheckpointError
-
-    root = Path(iter_dir)
-    problems = verify_reads(root, part, shares, read_manifest(root))
-    if problems:
-        raise CorruptCheckpointError(f"checkpoint {root.name} ({root}) is damaged:\n  " + "\n  ".join(problems))
+    return shard_problems(part_dir, md)
 
 
 def verify(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:

@@ -25,6 +25,7 @@ with a warning; `integrity.adopt_uncommitted` commits it if its manifest verifie
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILE = "latest_checkpoint.txt"
 COMMITTED_MARKER = "COMMITTED"
+MANIFEST_FILE = "MANIFEST.json"  # written by checkpoint.integrity before the marker
 SPEC_FILE = "spec.toml"
 PARTS = ("model", "optim", "scheduler", "trainer")
 
@@ -144,6 +146,17 @@ def remove_partial(ckpt_dir: str | Path) -> list[Path]:
         log.warning("removing partial checkpoint directory %s (an interrupted save or deletion)", p)
         shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def read_manifest(iter_dir: str | Path) -> dict | None:
+    """The parsed manifest, or None if the iteration has none (upstream checkpoint)."""
+    p = Path(iter_dir) / MANIFEST_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: manifest is not valid JSON ({e})") from None
 
 
 def read_latest_file(ckpt_dir: str | Path) -> str | None:
@@ -286,16 +299,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def fsync_tree(root: str | Path) -> None:
-    """fsync every file and directory under `root` (DCP's writer may not fsync everything)."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
+def _move_aside(path: Path, suffix: str | None) -> Path:
+    (path / COMMITTED_MARKER).unlink(missing_ok=True)  # a dir on its way out never claims to be committed
+    aside = path.with_name(path.name + (suffix or f".deleting-{os.getpid()}"))
+    os.replace(path, aside)
+    return aside
+
+
+def discard_dir(path: str | Path, *, suffix: str | None = None) -> None:
+    """Delete a directory by renaming it aside (`<name>.deleting-<pid>`) first.
+
+    A crash mid-delete then leaves a recognisable leftover (a partial dir that the
+    next Checkpointer removes), never a half-deleted dir under the real name.
+    """
+    shutil.rmtree(_move_aside(Path(path), suffix), ignore_errors=True)
+
+
+def install(tmp: str | Path, final: str | Path, *, suffix: str | None = None) -> None:
+    """Move a finished `tmp` (file or dir) to `final`; an existing dir there is moved aside, then deleted."""
+    tmp, final = Path(tmp), Path(final)
+    aside = _move_aside(final, suffix) if final.is_dir() else None
+    os.replace(tmp, final)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def commit(tmp_dir: str | Path, final_dir: str | Path, *, update_latest: bool = True) -> Path:
@@ -308,12 +334,7 @@ def commit(tmp_dir: str | Path, final_dir: str | Path, *, update_latest: bool = 
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     parent = final_dir.parent
     parse_iteration(final_dir.name)
-    if final_dir.exists():
-        aside = parent / f"{final_dir.name}.deleting-{os.getpid()}"
-        (final_dir / COMMITTED_MARKER).unlink(missing_ok=True)
-        os.replace(final_dir, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    os.replace(tmp_dir, final_dir)
+    install(tmp_dir, final_dir)
     fsync_dir(parent)
     atomic_write_text(final_dir / COMMITTED_MARKER, "committed\n")
     if update_latest:
@@ -346,10 +367,7 @@ def purge(ckpt_dir: str | Path, keep_last: int | None, keep_every: int | None = 
     for step, p in committed:
         if p.resolve() in keep or (keep_every and step % keep_every == 0):
             continue
-        (p / COMMITTED_MARKER).unlink(missing_ok=True)
-        aside = ckpt_dir / f"{p.name}.deleting-{os.getpid()}"
-        os.replace(p, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        discard_dir(p)
         deleted.append(p)
         log.info("retention: deleted %s (keep_last=%s, keep_every=%s)", p, keep_last, keep_every)
     return deleted

@@ -17,8 +17,10 @@ all_gather of the entries (or of an error) -> rank 0 writes MANIFEST.json, renam
 tmp -> final, writes COMMITTED and latest_checkpoint.txt, applies retention ->
 broadcast of rank 0's outcome. So every rank learns whether the commit happened,
 and a failure anywhere raises on every rank at its next save/wait/check.
-Background saves use their own gloo group so their collectives never interleave
-with the training ones.
+How the save runs relative to training (inline, or staged and written in a thread) is
+a strategy object per `async_mode` (`save_modes`). Background saves use their own gloo
+group so their collectives never interleave with the training ones. Weights are loaded
+through `export.load.load_weights` (one key planner for every source).
 """
 
 from __future__ import annotations
@@ -27,36 +29,33 @@ import logging
 import secrets
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-    set_optimizer_state_dict)
+    get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from cosmos_train.checkpoint import layout
-from cosmos_train.checkpoint.collectives import IdentityStager, agree, barrier, describe_failure, dist_on, rank, world
-from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader, read_metadata
-from cosmos_train.checkpoint.disk import disk_full_message, is_disk_full
+from cosmos_train.checkpoint.collectives import agree, barrier, dist_on, rank, world
+from cosmos_train.disk import disk_full_message, is_disk_full
 from cosmos_train.checkpoint.integrity import (
-    ChecksummingFileSystem, adopt_uncommitted, check_loadable, data_files, file_entry, read_manifest, verify_reads, write_manifest)
-from cosmos_train.checkpoint.sources import (
-    format_key_problems, load_full_weights, map_keys, matches_prefix, resolve_load_path, unexpected_keys)
+    ChecksummingFileSystem, adopt_uncommitted, check_loadable, data_files, file_entry, write_manifest)
+from cosmos_train.checkpoint.save_modes import build_save_mode
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
+from cosmos_train.export.dcp_safe import SafePlanner, SafeReader, check_reads_on_all_ranks, is_damage, read_metadata
+from cosmos_train.export.keys import EMA, REG
+from cosmos_train.export.load import Source, load_weights, resolve_load_path
+from cosmos_train.export.tensor_source import STORAGE_ERRORS, describe_failure
+from cosmos_train.models.lora_keys import is_lora_key
 
 log = logging.getLogger(__name__)
 
-REG, EMA = "net.", "net_ema."
-# DCP's CheckpointException derives from BaseException, so it is named explicitly.
-_FAILURES = (Exception, CheckpointException)
 WriterFactory = Callable[[Path], Any]  # part dir -> a DCP StorageWriter
 
 
@@ -72,7 +71,6 @@ class SaveStats:
     commit_s: float = 0.0
     bytes: int = 0
     done: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -85,29 +83,23 @@ class Checkpointer:
 
     `ckpt` is the spec's CheckpointSpec. `ema` is an object with `state_dict()` /
     `load_state_dict()` keyed like the model. `lora_only` saves only adapter weights
-    (`lora_` keys) in the model part. `writer_factory` swaps the DCP storage writer
-    (tests inject slow or failing writers). `async_process=True` picks torch's
-    process-based writer for `async_pinned` (experimental: not exercised by the tests,
-    and it cannot start from a daemonic process such as tests/dist.py's ranks).
+    (LoRA keys) in the model part. `writer_factory` swaps the DCP storage writer
+    (tests inject slow or failing writers). Construction is collective.
     """
 
     def __init__(self, ckpt, run_dir: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
                  trainer_state=None, ema=None, lora_only: bool = False,
-                 writer_factory: WriterFactory | None = None, async_process: bool = False,
-                 writer_threads: int | None = None) -> None:
+                 writer_factory: WriterFactory | None = None, writer_threads: int | None = None) -> None:
         self.ckpt = ckpt
         self.run_dir = Path(run_dir)
         self.dir = layout.checkpoints_dir(self.run_dir)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.trainer_state, self.ema, self.lora_only = trainer_state, ema, lora_only
-        self.mode = ckpt.async_mode
         self._checksums = ChecksummingFileSystem()
         self._writer_factory = writer_factory or (
             lambda p: self._checksummed(FileSystemWriter(p, sync_files=True,
                                                          thread_count=writer_threads or ckpt.write_threads)))
         self.stats: list[SaveStats] = []
-        self._future: Future | None = None
-        self._pending: SaveStats | None = None
         self._last_saved: int | None = None
         self._closed = False
         if rank() == 0:
@@ -119,27 +111,8 @@ class Checkpointer:
             adopt_uncommitted(self.dir)
         self._token = agree(secrets.token_hex(4))
         barrier()
-        self._pg = None
-        self._executor = self._stager = None
-        self._process = False
-        if self.mode != "off":
-            # A dedicated gloo group: background collectives must not interleave with training ones.
-            self._pg = dist.new_group(backend="gloo") if dist_on() else None
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
-            # torch's process-based writer needs a process group (it builds one of its own).
-            self._process = self.mode == "async_pinned" and dist_on() and async_process
-            if self.mode == "async_pinned":
-                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-                pin = torch.cuda.is_available()
-                # Staging buffers are cached per source storage and reused by every later save.
-                self._stager = DefaultStager(StagingOptions(use_pinned_memory=pin, use_shared_memory=self._process,
-                                                            use_async_staging=False, use_non_blocking_copy=False))
-                if not pin or not self._process:
-                    log.info("async_pinned: %s staging buffers, %s-based writing%s",
-                             "pinned" if pin else "plain (no CUDA) reusable CPU",
-                             "process" if self._process else "thread",
-                             "" if self._process else " (process writing: Checkpointer(async_process=True), experimental)")
+        self._saver = build_save_mode(ckpt.async_mode)
+        self.mode = self._saver.name
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, *, force: bool = False) -> bool:
@@ -154,32 +127,34 @@ class Checkpointer:
         if step == self._last_saved:
             return False
         t0 = time.perf_counter()
-        stats = SaveStats(step=step, mode=self.mode + ("/process" if self._process else ""))
+        stats = SaveStats(step=step, mode=self.mode)
         tmp = layout.temp_iteration_dir(self.dir, step, self._token)
         parts = self._state_dicts()
         self._refuse_nonfinite(parts["model"], step)
-        if self.mode == "off":
-            self._write_and_commit(parts, tmp, step, stats, pg=None)
-            stats.blocking_s = time.perf_counter() - t0
-            self._finish(stats)
-        else:
-            t1 = time.perf_counter()
-            if self._stager is not None:
-                staged = {k: self._stager.stage(v) for k, v in parts.items()}
-            else:
-                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        staged = self._saver.stage(parts)
+        del parts
+        stats.staging_s = time.perf_counter() - t0
 
-                # Plain async: fresh CPU copies each time (no memory kept between saves).
-                stager = DefaultStager(StagingOptions(False, False, False, False))
-                staged = {k: stager.stage(v) for k, v in parts.items()}
-                stager.close()
-            stats.staging_s = time.perf_counter() - t1
-            del parts
-            self._pending = stats
-            self._future = self._executor.submit(self._background, staged, tmp, step, stats)
+        def job() -> None:
+            self._write_and_commit(staged, tmp, step, stats, pg=self._saver.pg)
+            if self.mode == "off":  # the whole save blocked training
+                stats.blocking_s = time.perf_counter() - t0
+            stats.done = True
+            self.stats.append(stats)
+            self._log_saved(stats)
+
+        self._saver.submit(job)
+        if self.mode != "off":
             stats.blocking_s = time.perf_counter() - t0
         self._last_saved = step
         return True
+
+    def _log_saved(self, stats: SaveStats) -> None:
+        if rank() == 0:
+            log.info("checkpoint %s saved (%s): %.2f GB, blocking %.3fs, staging %.3fs, write %.3fs "
+                     "(%.2f GB/s), commit %.3fs", layout.iteration_dir_name(stats.step), stats.mode,
+                     stats.bytes / 1e9, stats.blocking_s, stats.staging_s, stats.write_s, stats.gbps,
+                     stats.commit_s)
 
     def _refuse_nonfinite(self, model_sd: dict, step: int) -> None:
         """Raise (on every rank) if a weight is NaN/inf: such a checkpoint is never committed, so
@@ -203,25 +178,13 @@ class Checkpointer:
             raise CheckpointError(f"refusing to save step {step}: weight {bad} holds NaN/inf (the run diverged); "
                                   f"the last committed checkpoint ({latest.name if latest else 'none'}) is kept")
 
-    def _background(self, staged, tmp, step, stats) -> None:
-        self._write_and_commit(staged, tmp, step, stats, pg=self._pg)
-        self._finish(stats)
-
-    def _finish(self, stats: SaveStats) -> None:
-        stats.done = True
-        self.stats.append(stats)
-        if rank() == 0:
-            log.info("checkpoint %s saved (%s): %.2f GB, blocking %.3fs, staging %.3fs, write %.3fs "
-                     "(%.2f GB/s), commit %.3fs", layout.iteration_dir_name(stats.step), stats.mode,
-                     stats.bytes / 1e9, stats.blocking_s, stats.staging_s, stats.write_s, stats.gbps,
-                     stats.commit_s)
-
     def _write_and_commit(self, parts: dict, tmp: Path, step: int, stats: SaveStats, pg) -> None:
         t0 = time.perf_counter()
         try:
             for name, sd in parts.items():
-                self._write_part(sd, tmp / name, pg)
-        except _FAILURES as e:
+                dcp.save(sd, storage_writer=self._writer_factory(tmp / name), process_group=pg,
+                         no_dist=not dist_on())
+        except STORAGE_ERRORS as e:
             if rank(pg) == 0:  # our own half-written dir: free its space now (every rank has stopped writing)
                 shutil.rmtree(tmp, ignore_errors=True)
             latest = layout.read_latest(self.dir)
@@ -236,7 +199,7 @@ class Checkpointer:
         # reads what nobody recorded. Errors travel as values so no rank hangs.
         try:
             mine = self._checksums.take(tmp)
-        except Exception as e:
+        except OSError as e:
             mine = f"rank {rank(pg)}: {type(e).__name__}: {e}"
         shares = [mine]
         if world(pg) > 1:
@@ -255,26 +218,15 @@ class Checkpointer:
         writer.fs = self._checksums  # same layout on disk; the bytes are checksummed on the way
         return writer
 
-    def _write_part(self, sd: dict, part_dir: Path, pg) -> None:
-        writer = self._writer_factory(part_dir)
-        if self._process:
-            from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
-
-            dcp.async_save(sd, storage_writer=writer, process_group=pg, async_stager=IdentityStager(),
-                           async_checkpointer_type=AsyncCheckpointerType.PROCESS,
-                           no_dist=not dist_on()).result()
-        else:
-            dcp.save(sd, storage_writer=writer, process_group=pg, no_dist=not dist_on())
-
     def _commit(self, tmp: Path, step: int, shares: list) -> int | str:
-        """Rank 0: manifest, rename, COMMITTED, latest file, retention. Returns bytes or an error."""
+        """Rank 0: manifest, rename, COMMITTED, latest file, retention. Returns bytes or an I/O error."""
         errors = [s for s in shares if isinstance(s, str)]
         if errors:
             return "; ".join(errors)
         try:
             entries = {k: v for s in shares for k, v in s.items()}
             for rel in data_files(tmp):
-                if rel not in entries:  # DCP's renamed .metadata, or files written by a subprocess
+                if rel not in entries:  # DCP's renamed .metadata
                     entries[rel] = file_entry(tmp, rel)
             write_manifest(tmp, entries, extra={"step": step, "world_size": world(),
                                                 "lora_only": self.lora_only})
@@ -282,7 +234,7 @@ class Checkpointer:
             final = layout.commit(tmp, self.dir / layout.iteration_dir_name(step))
             layout.purge(self.dir, self.ckpt.keep_last, self.ckpt.keep_every, protect=[final])
             return sum(v["size"] for v in entries.values())
-        except Exception as e:
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)  # only if the rename did not happen yet
             if is_disk_full(e):
                 return disk_full_message(tmp, need=None, what=f"the manifest/marker of step {step}")
@@ -291,7 +243,7 @@ class Checkpointer:
     def _state_dicts(self) -> dict[str, dict]:
         """The four parts' state dicts (sharded DTensors stay sharded)."""
         msd = get_model_state_dict(self.model)
-        keep = (lambda k: "lora_" in k) if self.lora_only else (lambda k: True)
+        keep = is_lora_key if self.lora_only else (lambda k: True)
         model = {REG + k: v for k, v in msd.items() if keep(k)}
         if self.ema is not None:
             model.update({EMA + k: v for k, v in self.ema.state_dict().items() if keep(k)})
@@ -307,20 +259,15 @@ class Checkpointer:
     # --------------------------------------------------------------- async control
     def check(self) -> None:
         """Raise now if a finished background save failed; never blocks."""
-        if self._future is not None and self._future.done():
+        if self._saver.done():
             self.wait()
 
     def wait(self) -> None:
-        """Block until the in-flight save (if any) is written and committed; raise its error."""
-        fut, self._future = self._future, None
-        if fut is None:
-            return
-        try:
-            fut.result()
-        except CheckpointError:
-            raise
-        except _FAILURES as e:
-            raise CheckpointError(f"background save of step {self._pending.step} failed: {describe_failure(e)}") from e
+        """Block until the in-flight save (if any) is written and committed; raise its error.
+
+        Storage errors arrive as CheckpointError; anything else is a bug and keeps its traceback.
+        """
+        self._saver.wait()
 
     def close(self) -> None:
         """Wait for the last save, then release the writer thread, staging memory and gloo group."""
@@ -330,13 +277,7 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-            if self._stager is not None:
-                self._stager.close()
-            if self._pg is not None and dist_on():
-                dist.destroy_process_group(self._pg)
-                self._pg = None
+            self._saver.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -363,9 +304,10 @@ class Checkpointer:
         while True:
             problem = agree(self._problem(it_dir, parts))
             if problem is None:
-                try:  # the CRCs of what is read are checked while reading; damage found there falls back too
-                    self._load_iteration(it_dir, parts, strict=self.ckpt.strict_resume, skip=(), ema_to_reg=False,
-                                         ema_required=True)
+                try:  # CRCs are checked while reading: damage found there falls back too
+                    # Adapter-only checkpoints lack the base weights (they came from load_path).
+                    self._load_iteration(Source("dcp", it_dir, str(it_dir)), parts, skip=(), ema_to_reg=False,
+                                         ema_required=True, adapters_only=self.lora_only)
                     break
                 except CorruptCheckpointError as e:
                     problem = str(e)
@@ -401,22 +343,18 @@ class Checkpointer:
         if not load_path:
             return False
         source = resolve_load_path(load_path, cache_dir=cache_dir, offline=offline)
-        skip = tuple(self.ckpt.keys_not_to_resume)
+        parts = ("model",)
         if source.kind == "dcp":
-            parts = ("model",)
             if self.ckpt.load_training_state:
                 parts += tuple(p for p, o in (("optim", self.optimizer), ("scheduler", self.scheduler),
                                               ("trainer", self.trainer_state)) if o is not None)
             problem = agree(self._problem(source.path, parts))
             if problem:
                 raise CheckpointError(problem)
-            self._load_iteration(source.path, parts, strict=self.ckpt.strict_resume, skip=skip,
-                                 ema_to_reg=self.ckpt.load_ema_to_reg, ema_required=False)
-        else:
-            if self.ckpt.load_training_state:
-                log.warning("checkpoint.load_training_state has no effect for %s (a weights-only file)", source)
-            load_full_weights(source, self.model, self.ema, strict=self.ckpt.strict_resume, skip=skip,
-                              ema_to_reg=self.ckpt.load_ema_to_reg)
+        elif self.ckpt.load_training_state:
+            log.warning("checkpoint.load_training_state has no effect for %s (a weights-only file)", source)
+        self._load_iteration(source, parts, skip=tuple(self.ckpt.keys_not_to_resume),
+                             ema_to_reg=self.ckpt.load_ema_to_reg, ema_required=False, adapters_only=False)
         if rank() == 0:
             log.info("initialised %s from %s", "model" + (" and EMA" if self.ema is not None else ""), source)
         return True
@@ -436,13 +374,15 @@ class Checkpointer:
             return 0
         return step
 
-    def _load_iteration(self, it_dir: Path, parts: tuple[str, ...], *, strict: bool, skip: tuple[str, ...],
-                        ema_to_reg: bool, ema_required: bool) -> None:
-        readers = {p: SafeReader(it_dir / p) for p in parts}
+    def _load_iteration(self, source: Source, parts: tuple[str, ...], *, skip: tuple[str, ...],
+                        ema_to_reg: bool, ema_required: bool, adapters_only: bool) -> None:
+        """The model through the shared loader; optimizer, scheduler and trainer state from DCP."""
+        if "model" in parts:
+            load_weights(source, self.model, self.ema, strict=self.ckpt.strict_resume, skip=skip,
+                         ema_to_reg=ema_to_reg, ema_required=ema_required, adapters_only=adapters_only)
+        it_dir = source.path
+        readers = {p: SafeReader(it_dir / p) for p in parts if p != "model"}
         try:
-            if "model" in parts:
-                self._load_model(readers["model"], strict=strict, skip=skip, ema_to_reg=ema_to_reg,
-                                 ema_required=ema_required)
             if "optim" in parts:
                 osd = get_optimizer_state_dict(self.model, self.optimizer)
                 dcp.load(osd, storage_reader=readers["optim"], planner=SafePlanner(source=it_dir / "optim"),
@@ -458,87 +398,22 @@ class Checkpointer:
                 dcp.load(tsd, storage_reader=readers["trainer"], planner=SafePlanner(source=it_dir / "trainer"),
                          no_dist=not dist_on())
                 self.trainer_state.load_state_dict(tsd)
-        except CheckpointError:
-            raise
-        except _FAILURES as e:
-            err = CorruptCheckpointError if _damage(e) else CheckpointError
+        except STORAGE_ERRORS as e:
+            err = CorruptCheckpointError if is_damage(e) else CheckpointError
             raise err(f"loading checkpoint {it_dir.name} ({it_dir}) failed: {describe_failure(e)}") from e
-        self._verify_loaded(it_dir, {p: r.segments for p, r in readers.items()})
-
-    @staticmethod
-    def _verify_loaded(it_dir: Path, segments: dict) -> None:
-        """Rank 0 compares the CRCs every rank took while reading with MANIFEST.json; all ranks raise alike."""
-        shares = [segments]
-        if world() > 1:
-            shares = [None] * world()
-            dist.all_gather_object(shares, segments)
-        problems = None
-        if rank() == 0:
-            try:
-                manifest = read_manifest(it_dir)
-                problems = [p for part in segments
-                            for p in verify_reads(it_dir, part, [s.get(part, {}) for s in shares], manifest)]
-            except (CheckpointError, OSError) as e:
-                problems = [str(e)]
-        problems = agree(problems)
-        if problems:
-            raise CorruptCheckpointError(f"checkpoint {it_dir.name} ({it_dir}) is damaged:\n  " + "\n  ".join(problems))
-
-    def _load_model(self, reader: SafeReader, *, strict: bool, skip: tuple[str, ...], ema_to_reg: bool,
-                    ema_required: bool) -> None:
-        part_dir = Path(reader.path)
-        have = set(read_metadata(part_dir).state_dict_metadata)
-        msd = get_model_state_dict(self.model)
-        # Adapter-only checkpoints lack the base weights (they come from load_path).
-        optional = (lambda k: "lora_" not in k) if self.lora_only else (lambda k: False)
-        reg_map, missing = map_keys(msd, have, EMA if ema_to_reg else REG, skip=skip, optional=optional)
-        request = {ck: msd[k] for k, ck in reg_map.items()}
-        used = set(reg_map.values())
-        esd = None
-        if self.ema is not None:
-            esd = self.ema.state_dict()
-            ema_map, ema_missing = map_keys(esd, have, EMA, skip=skip, optional=optional)
-            if ema_map or ema_required:
-                request.update({ck: esd[k] for k, ck in ema_map.items()})
-                used |= set(ema_map.values())
-                missing += ema_missing
-            else:
-                log.warning("%s has no EMA weights; the EMA starts from the loaded regular weights", part_dir.parent)
-                esd = "copy"
-        if ema_to_reg:  # the regular weights of the checkpoint are deliberately not used
-            used |= {k for k in have if k.startswith(REG)}
-        unexpected = unexpected_keys(have, used, (REG, EMA) if (self.ema is not None or ema_to_reg) else (REG,),
-                                     skip=skip)
-        if missing or unexpected:
-            msg = format_key_problems(missing, unexpected, source=str(part_dir.parent))
-            if strict:
-                raise CheckpointError(msg + "\n(set checkpoint.strict_resume=false to load anyway, or list "
-                                            "prefixes in checkpoint.keys_not_to_resume)")
-            log.warning("%s", msg)
-        dcp.load(request, storage_reader=reader, planner=SafePlanner(source=part_dir), no_dist=not dist_on())
-        set_model_state_dict(self.model, msd)
-        if esd == "copy":
-            self.ema.load_state_dict(get_model_state_dict(self.model))
-        elif esd is not None:
-            self.ema.load_state_dict(esd)
+        if readers:  # the model part was checked by the loader
+            check_reads_on_all_ranks(it_dir, {p: r.segments for p, r in readers.items()})
 
 
 def _nbytes(parts: dict) -> int:
-    """Bytes of the tensors in (nested) state dicts: this rank's share of a save, all ranks for a DTensor."""
+    """Bytes of the tensors in (nested) state dicts (a DTensor counts with its global size)."""
     total = 0
     for v in parts.values():
         if isinstance(v, dict):
             total += _nbytes(v)
         elif isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()  # a DTensor reports its global size
+            total += v.numel() * v.element_size()
     return total
-
-
-def _damage(e: BaseException) -> bool:
-    """True if DCP's error carries a CorruptCheckpointError from a rank's reader."""
-    failures = getattr(e, "failures", None) or {}
-    return isinstance(e, CorruptCheckpointError) or any(
-        isinstance(f[0] if isinstance(f, tuple) else f, CorruptCheckpointError) for f in failures.values())
 
 
 def _present(sd: dict, part_dir: Path) -> dict:

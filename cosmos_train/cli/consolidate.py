@@ -64,7 +64,7 @@ def consolidate(
 
     Example: [bold]cosmos-train consolidate outputs/proj/group/run -o model.safetensors --ema --dtype bf16[/bold]
     """
-    from cosmos_train.checkpoint.consolidate import consolidate as run
+    from cosmos_train.export.consolidate import consolidate as run
 
     report = run(ckpt_dir, output, iteration=iteration, ema=ema, both=both,
                  dtype=dtype.value if dtype is not None else None, prefix=prefix, merge_lora=merge_lora,
@@ -88,7 +88,7 @@ def convert(
 
     Example: [bold]cosmos-train convert model.pt ckpt/iter_000000000 --to dcp[/bold]
     """
-    from cosmos_train.checkpoint.convert import convert as run
+    from cosmos_train.export.convert import convert as run
 
     report = run(src, out_dir, to=to.value, progress=progress, force=force)
     console.print(report.summary(), highlight=False, soft_wrap=True)

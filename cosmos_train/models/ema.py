@@ -91,13 +91,6 @@ class PowerEMA:
             if state_dict[name] is not shadow:
                 shadow.copy_(state_dict[name])
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the EMA weights into the model's trainable parameters (e.g. for sampling)."""
-        params = dict(model.named_parameters())
-        for name, shadow in self.shadow.items():
-            params[name].copy_(shadow)
-
     def __repr__(self) -> str:
         n = sum(t.numel() for t in self.shadow.values())
         return f"PowerEMA(s={self.s}, gamma={self.gamma:.4f}, tensors={len(self.shadow)}, numel={n})"

@@ -1,4 +1,4 @@
-"""LoRA through PEFT: injection, summary, adapter export/load in PEFT's format, merge.
+"""LoRA through PEFT: injection, summary, adapter load in PEFT's format, merge.
 
 `apply_lora` injects PEFT LoRA layers (`inject_adapter_in_model`) into the DiT before
 FSDP sharding; it works on a meta-device model (the values then come from
@@ -6,38 +6,34 @@ FSDP sharding; it works on a meta-device model (the values then come from
 the adapters are fp32 and trainable. State-dict names become
 `...q_proj.base_layer.weight`, `...q_proj.lora_A.default.weight`, `...lora_B.default.weight`.
 
-Adapters export as `adapter_config.json` + `adapter_model.safetensors` with the keys
+Adapter dirs are `adapter_config.json` + `adapter_model.safetensors` with the keys
 `PeftModel.save_pretrained` writes (`base_model.model.<module>.lora_A.weight`), so
-`peft.PeftModel.from_pretrained(dit, dir)` loads them. `merge_lora_state_dict` folds
-W + (alpha / rank) * B @ A into plain weights, so a merged model runs without PEFT.
+`peft.PeftModel.from_pretrained(dit, dir)` loads them; `export.lora_export` writes them
+from a checkpoint. `merge_lora_state_dict` folds W + (alpha / rank) * B @ A into plain
+weights, so a merged model runs without PEFT. Which keys are LoRA keys is one rule,
+`models.lora_keys`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 
 from cosmos_train.errors import CosmosTrainError
+from cosmos_train.models.lora_keys import LORA_KEY, is_lora_key
 from cosmos_train.spec import LoraSpec
 
 ADAPTER_NAME = "default"
 PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_LORA_PARAM = re.compile(r"^(?P<module>.*)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def is_lora_param(name: str) -> bool:
-    """True for PEFT adapter parameters (`...lora_A.default.weight`, `...lora_B.default.weight`)."""
-    return ".lora_A." in name or ".lora_B." in name
 
 
 def lora_config(lora: LoraSpec) -> LoraConfig:
@@ -57,7 +53,7 @@ def _inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     meta = any(p.is_meta for p in model.parameters())
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=meta)
     for name, p in model.named_parameters():
-        if is_lora_param(name):
+        if is_lora_key(name):
             p.data = p.data.float()  # PEFT casts adapters to the base dtype; keep them fp32
             p.requires_grad_(True)
         else:
@@ -77,7 +73,7 @@ def apply_lora(model: nn.Module, lora: LoraSpec, *, seed: int | None = None) -> 
 
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if is_lora_param(name):
+                if is_lora_key(name):
                     p.copy_(model.init_parameter(name, p.shape, init_generator(seed, name)))
     return model
 
@@ -85,7 +81,7 @@ def apply_lora(model: nn.Module, lora: LoraSpec, *, seed: int | None = None) -> 
 def lora_summary(model: nn.Module) -> tuple[int, int, float]:
     """(total parameters, trainable LoRA parameters, ratio trainable / total)."""
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_lora_param(n))
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_lora_key(n))
     return total, trainable, trainable / total if total else 0.0
 
 
@@ -95,41 +91,7 @@ def format_lora_summary(total: int, trainable: int, ratio: float) -> str:
             f"LoRA parameter ratio: {ratio * 100:.2f}%")
 
 
-# -------------------------------------------------------------------- export
-def peft_adapter_state_dict(model_state_dict: Mapping[str, torch.Tensor], *,
-                            prefix: str = "") -> dict[str, torch.Tensor]:
-    """Model-keyed adapter tensors (`[prefix]X.lora_A.default.weight`) -> PEFT file keys
-    (`base_model.model.X.lora_A.weight`). Pure; for consolidated state dicts."""
-    out = {}
-    for key, value in model_state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        m = _LORA_PARAM.match(key[len(prefix):])
-        if m:
-            out[f"{PEFT_KEY_PREFIX}{m['module']}.lora_{m['ab']}.weight"] = value
-    return out
-
-
-def save_adapter(adapter_state_dict: Mapping[str, torch.Tensor], out_dir: str | Path, lora: LoraSpec) -> Path:
-    """Write PEFT-format files from `peft_adapter_state_dict` output; returns out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lora_config(lora).save_pretrained(str(out_dir))
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict.items()}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out_dir
-
-
-def export_adapter(model: nn.Module, out_dir: str | Path, lora: LoraSpec) -> Path | None:
-    """Export the model's adapters in PEFT's format. Under FSDP2 every rank must call it
-    (shards are gathered); only rank 0 writes. Returns out_dir where written."""
-    sd = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    sd = {PEFT_KEY_PREFIX + k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return None
-    return save_adapter(sd, out_dir, lora)
-
-
+# ----------------------------------------------------------------- adapter dirs
 def read_adapter_config(adapter_dir: str | Path) -> LoraSpec:
     """rank / alpha / targets / init of a PEFT adapter dir as a `LoraSpec`."""
     path = Path(adapter_dir) / CONFIG_FILE
@@ -154,7 +116,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     weights = load_file(str(adapter_dir / WEIGHTS_FILE))
     sd = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in weights.items()}
     result = set_peft_model_state_dict(model, sd, adapter_name=ADAPTER_NAME)
-    missing = [k for k in result.missing_keys if is_lora_param(k)]
+    missing = [k for k in result.missing_keys if is_lora_key(k)]
     if result.unexpected_keys or missing:
         raise CosmosTrainError(f"{adapter_dir / WEIGHTS_FILE}: does not match the model; missing "
                                f"{missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
@@ -178,7 +140,7 @@ def merge_lora_state_dict(state_dict: Mapping[str, torch.Tensor], *, rank: int,
     """
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        m = _LORA_PARAM.match(key)
+        m = LORA_KEY.match(key)
         if m:
             adapters.setdefault(m["module"], {})[m["ab"]] = value
     if not adapters:
@@ -190,7 +152,7 @@ def merge_lora_state_dict(state_dict: Mapping[str, torch.Tensor], *, rank: int,
                                    f"(found base={base_key in state_dict}, adapters={sorted(ab)})")
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():  # keep the key order, merged weights where their base was
-        if _LORA_PARAM.match(key):
+        if LORA_KEY.match(key):
             continue
         if key.endswith(".base_layer.weight"):
             module = key[: -len(".base_layer.weight")]

@@ -77,7 +77,9 @@ def small_disk(tmp_path, monkeypatch):
             mounted.append(root)
             return SmallDisk(root, "tmpfs", None)
         budget = _Budget(root, size)
-        from cosmos_train.checkpoint import disk, integrity, pt_io, safetensors_io
+        from cosmos_train import disk
+        from cosmos_train.checkpoint import integrity
+        from cosmos_train.export import pt_io, safetensors_io
 
         for mod in (integrity, pt_io, safetensors_io):
             monkeypatch.setattr(mod, "open", budget.opener(builtins.open), raising=False)

@@ -69,8 +69,8 @@ def test_silently_flipped_tensor_bytes_are_caught_on_resume_and_fall_back(tmp_pa
 
 
 def test_flipped_bytes_are_caught_by_consolidate_and_infer_loading(tmp_path):
-    from cosmos_train.checkpoint.consolidate import consolidate
-    from cosmos_train.infer import _load_dcp_model
+    from cosmos_train.export.consolidate import consolidate
+    from cosmos_train.export.load import Source, load_weights
 
     ck_dir, states = _run(tmp_path)
     it = ck_dir / "iter_000000002"
@@ -81,7 +81,7 @@ def test_flipped_bytes_are_caught_by_consolidate_and_infer_loading(tmp_path):
             consolidate(it, out, progress=False, **kw)
         assert not out.exists() and not list(tmp_path.glob(".model.pt.partial-*"))
     with pytest.raises(CorruptCheckpointError, match=rf"model/{name}: crc32 mismatch"):
-        _load_dcp_model(build(1)[0], it, prefix="net.")
+        load_weights(Source("dcp", it, str(it)), build(1)[0])
     consolidate(ck_dir / "iter_000000001", out, progress=False)  # the good one still exports
     assert torch.equal(torch.load(out, weights_only=True)["net.head.weight"], states[1]["model"]["head.weight"])
 
@@ -215,7 +215,7 @@ def test_save_on_a_full_disk_says_so_keeps_the_last_checkpoint_and_leaves_no_par
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_consolidate_to_a_full_disk_is_a_clean_error_without_output(small_disk, tmp_path, monkeypatch, suffix):
-    from cosmos_train.checkpoint import consolidate as consolidate_mod
+    from cosmos_train.export import consolidate as consolidate_mod
 
     ck_dir, _ = _run(tmp_path / "run", steps=(1,))
     disk = small_disk(1 << 20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -37,3 +38,16 @@ def test_inspect_lists_iterations_tensors_and_verifies(tmp_path):
     assert r.exit_code == 2 and "__0_0.distcp" in r.output
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_inspect_lists_a_consolidated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"net.a.weight": torch.zeros(3, 4), "net.b": torch.ones(2, dtype=torch.bfloat16)},
+              str(tmp_path / "m.safetensors"))
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.safetensors")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "net.a.weight" in r.output and "3x4" in r.output and "bfloat16" in r.output
+    (tmp_path / "bad.pt").write_bytes(b"not a zip")
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "bad.pt")])
+    assert r.exit_code == 2 and "bad.pt" in r.output

@@ -198,7 +198,7 @@ def test_async_error_surfaces_at_check_and_save(tmp_path):
     ck = Checkpointer(spec(async_mode="async_pinned"), tmp_path, model=parts[0], optimizer=parts[1],
                       writer_factory=lambda p: FailingWriter(p))
     assert ck.save(1)
-    ck._future.exception()  # let the background save finish (and fail)
+    ck._saver.future.exception()  # let the background save finish (and fail)
     with pytest.raises(CheckpointError, match="injected"):
         ck.check()
     assert ck.save(2)

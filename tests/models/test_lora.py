@@ -2,17 +2,19 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.models.dit import DiT
 from cosmos_train.models.ema import PowerEMA
-from cosmos_train.models.lora import (apply_lora, export_adapter, format_lora_summary, load_adapter,
-                                      lora_summary, merge_lora_state_dict, peft_adapter_state_dict,
+from cosmos_train.models.lora import (PEFT_KEY_PREFIX, WEIGHTS_FILE, apply_lora, format_lora_summary,
+                                      load_adapter, lora_config, lora_summary, merge_lora_state_dict,
                                       read_adapter_config)
 from cosmos_train.models.presets import PRESETS
 from cosmos_train.spec import LoraSpec
@@ -28,6 +30,19 @@ def _base(seed=0):
     model = DiT(CFG)
     model.init_weights(seed)
     return model
+
+
+def _write_peft_dir(model, out_dir, lora):
+    """An adapter dir written by PEFT's own state-dict function (gathers FSDP shards; rank 0 writes).
+
+    Production writes adapters from DCP checkpoints (export.lora_export); this is the reference."""
+    sd = get_peft_model_state_dict(model, adapter_name="default")
+    sd = {PEFT_KEY_PREFIX + k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora_config(lora).save_pretrained(str(out_dir))
+    save_file({k: v.detach().float().contiguous() for k, v in sd.items()}, str(out_dir / WEIGHTS_FILE))
 
 
 def _inputs(seed=0, batch=1):
@@ -75,10 +90,9 @@ def test_peft_export_reload_identical(tmp_path):
     with torch.no_grad():
         want = model(x, t, ctx)
     assert not torch.allclose(want, _base(0)(x, t, ctx))
-    export_adapter(model, tmp_path / "adapter", SPEC)
+    _write_peft_dir(model, tmp_path / "adapter", SPEC)
     files = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert "base_model.model.blocks.0.self_attn.q_proj.lora_A.weight" in files
-    assert files.keys() == peft_adapter_state_dict(model.state_dict()).keys()
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8, "LORA")
     assert read_adapter_config(tmp_path / "adapter").model_dump() == SPEC.model_dump() | {
@@ -156,7 +170,7 @@ def _fsdp_lora_body(rank, world_size, out_dir):
     assert list(ema.state_dict()) == list(model.state_dict())
     base_same = torch.equal(model.blocks[0].self_attn.q_proj.base_layer.weight.full_tensor(), base_before)
 
-    export_adapter(model, out_dir, SPEC)  # collective; rank 0 writes
+    _write_peft_dir(model, Path(out_dir), SPEC)  # collective; rank 0 writes
     return dict(max_err=max_err, n_grads=n_grads, ema_ok=ema_ok, base_same=base_same, beta=beta,
                 lora_after={n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad})
 

@@ -7,7 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 from cosmos_train.cli.consolidate import consolidate, convert
-from tests.checkpoint.consolidate_fixtures import bitwise_equal
+from tests.export.consolidate_fixtures import bitwise_equal
 
 
 def _app() -> typer.Typer:

@@ -23,10 +23,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 
 from cosmos_train.checkpoint import layout
-from cosmos_train.checkpoint.consolidate import ConsolidateReport, byte_progress, peak_rss_bytes
-from cosmos_train.checkpoint.integrity import MANIFEST_FILE
-from cosmos_train.checkpoint.tensor_files import open_tensor_file
+from cosmos_train.checkpoint.layout import MANIFEST_FILE, install
 from cosmos_train.errors import CosmosTrainError
+from cosmos_train.export.consolidate import ConsolidateReport, byte_progress, peak_rss_bytes
+from cosmos_train.export.tensor_source import open_source
 
 FORMATS = ("dcp",)
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         self._on_tensor = on_tensor
 
     def resolve_data(self, write_item):
-        t = self._reader.read(write_item.index.fqn)
+        fqn = write_item.index.fqn
+        t = self._reader.load([fqn])[fqn]
         self._on_tensor(t.nbytes)
         return t
 
@@ -86,7 +87,7 @@ def convert(src: str | Path, out_dir: str | Path, *, to: str = "dcp", progress: 
     if to not in FORMATS:
         raise CosmosTrainError(f"--to: unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
-    reader = open_tensor_file(src)
+    reader = open_source(src)
     out_dir = Path(out_dir)
     _claim(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,11 +103,7 @@ def convert(src: str | Path, out_dir: str | Path, *, to: str = "dcp", progress: 
             planner = _StreamingSavePlanner(reader, lambda n: p.advance(task, n))
             # One writer thread: tensors are resolved (read) one at a time, right before being written.
             dcp.save(meta_sd, storage_writer=FileSystemWriter(tmp, thread_count=1), planner=planner, no_dist=True)
-        if final.exists():
-            aside = out_dir / f".model.old-{os.getpid()}"
-            os.replace(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-        os.replace(tmp, final)
+        install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ConsolidateReport(out_dir, [final], len(meta_sd), total, time.perf_counter() - t0, peak_rss_bytes())

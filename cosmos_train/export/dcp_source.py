@@ -1,7 +1,8 @@
 """Read tensors out of one DCP directory a few at a time, without loading the whole state.
 
-`FileSystemReader.read_metadata()` gives every key's dtype, shape and the file
-slices holding its chunks without reading data. `DcpTensorReader.load(keys)`
+The `TensorSource` of a DCP directory. `FileSystemReader.read_metadata()` gives every
+key's dtype, shape and the file slices holding its chunks without reading data.
+`DcpSource.load(keys)`
 then reads only those keys (all chunks, from every rank's file) into freshly
 allocated full tensors via `dcp.load` with a partial-load planner.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import io
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,18 +20,16 @@ from typing import TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from cosmos_train.checkpoint.dcp_safe import SafePlanner, SafeReader
-from cosmos_train.checkpoint.integrity import check_reads
-from cosmos_train.checkpoint.tensor_files import TensorEntry
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.dcp_safe import SafePlanner, SafeReader, check_reads
+from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorEntry
 
 T = TypeVar("T")
 
 
-class DcpTensorReader:
+class DcpSource:
     """Tensor entries of a DCP dir (in stored order) and bounded reads of a subset of them.
 
     Checks up front that every file the metadata refers to exists and is long
@@ -39,12 +37,13 @@ class DcpTensorReader:
     with the file named.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, check_files: bool = True):
         self.path = Path(path)
         meta_file = self.path / ".metadata"
         if not meta_file.is_file():
             raise CheckpointError(f"{self.path}: not a DCP checkpoint directory (no .metadata file)")
-        # SafeReader parses `.metadata` once (dcp.load asks on every call) and checksums every read
+        # SafeReader parses `.metadata` once (dcp.load asks on every call), runs no code from the
+        # files, and checksums every byte it reads (`check_checksums`)
         self._reader = SafeReader(self.path)
         self.metadata = self._reader.read_metadata()  # CheckpointError naming the file when unreadable
         self.entries: dict[str, TensorEntry] = {}
@@ -55,24 +54,15 @@ class DcpTensorReader:
             else:
                 assert isinstance(md, BytesStorageMetadata), type(md)
                 self.non_tensor_keys.append(key)
-        self._check_files()
+        if check_files:  # inspect lists a damaged checkpoint's tensors and reports per tensor instead
+            self._check_files()
+        self.files = sorted({self.path / i.relative_path for i in (self.metadata.storage_data or {}).values()})
         self._arena: torch.Tensor | None = None
 
     def _check_files(self) -> None:
-        needed: dict[str, int] = {}
-        for info in (self.metadata.storage_data or {}).values():
-            end = info.offset + info.length
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-        for rel, end in sorted(needed.items()):
-            f = self.path / rel
-            try:
-                size = os.path.getsize(f)
-            except FileNotFoundError:
-                raise CheckpointError(f"{f}: shard file missing (listed in {self.path / '.metadata'}); "
-                                      f"the checkpoint is incomplete") from None
-            if size < end:
-                raise CheckpointError(f"{f}: shard file truncated ({size} bytes, the metadata needs {end}); "
-                                      f"the checkpoint is incomplete or was copied partially")
+        problems = shard_problems(self.path, self.metadata)
+        if problems:
+            raise CheckpointError(problems[0] + "; the checkpoint is incomplete or was copied partially")
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Read `keys` (full, unsharded tensors) in one pass over the shard files.
@@ -101,7 +91,7 @@ class DcpTensorReader:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(sd, storage_reader=self._reader,
                          planner=SafePlanner(allow_partial_load=True, source=self.path), no_dist=True)
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        except STORAGE_ERRORS as e:
             inner = _unwrap(e)
             if isinstance(inner, CheckpointError):  # our reader already named the file and the tensor
                 raise inner from None
@@ -111,7 +101,6 @@ class DcpTensorReader:
                                   f"{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}: "
                                   f"{type(inner).__name__}: {first_line} (corrupt shard file?)") from e
         return sd
-
 
     def check_checksums(self) -> None:
         """Compare the CRCs of everything read so far with the iteration's MANIFEST.json (when the
@@ -131,6 +120,21 @@ class DcpTensorReader:
             except Exception:  # noqa: BLE001 - any failure marks this file
                 return f
         return None
+
+
+def shard_problems(part_dir: Path, metadata) -> list[str]:
+    """Every shard file that a DCP `.metadata` points into exists and is long enough; else one line each."""
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for rel, end in sorted(need.items()):
+        f = Path(part_dir) / rel
+        if not f.is_file():
+            problems.append(f"{f}: shard file missing (listed in {Path(part_dir) / '.metadata'})")
+        elif (size := f.stat().st_size) < end:
+            problems.append(f"{f}: shard file truncated ({size} bytes, the metadata needs {end})")
+    return problems
 
 
 def _return_free_heap_to_os() -> None:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cosmos_train.checkpoint.dcp_reader import group_by_bytes
-from cosmos_train.checkpoint.pt_io import PtReader, PtWriter
-from cosmos_train.checkpoint.safetensors_io import SafetensorsWriter, parse_size, plan_shards
-from cosmos_train.checkpoint.tensor_files import TensorEntry, open_tensor_file
 from cosmos_train.errors import CheckpointError
-from tests.checkpoint.consolidate_fixtures import bitwise_equal
+from cosmos_train.export.dcp_source import group_by_bytes
+from cosmos_train.export.pt_io import PtSource, PtWriter
+from cosmos_train.export.safetensors_io import SafetensorsWriter, parse_size, plan_shards
+from cosmos_train.export.tensor_source import TensorEntry, open_source
+from tests.export.consolidate_fixtures import bitwise_equal
 
 
 def _tensors():
@@ -72,18 +72,18 @@ def test_pt_writer_rejects_out_of_order_and_missing(tmp_path):
 def test_pt_reader_reads_one_tensor_at_a_time(tmp_path):
     sd = _tensors()
     torch.save({k: v.contiguous() for k, v in sd.items()}, tmp_path / "ref.pt")
-    r = open_tensor_file(tmp_path / "ref.pt")
-    assert isinstance(r, PtReader) and list(r.entries) == list(sd)
+    r = open_source(tmp_path / "ref.pt")
+    assert isinstance(r, PtSource) and list(r.entries) == list(sd)
     for k in sd:
-        assert bitwise_equal(r.read(k), sd[k].contiguous()), k
+        assert bitwise_equal(r.load([k])[k], sd[k].contiguous()), k
     # A torch.save'd dict whose tensors share one storage (views) reads back correctly too.
     base = torch.arange(12.0)
     torch.save({"x": base[2:5], "y": base.view(3, 4)[:, 1]}, tmp_path / "views.pt")
-    r = open_tensor_file(tmp_path / "views.pt")
-    assert torch.equal(r.read("x"), base[2:5]) and torch.equal(r.read("y"), base.view(3, 4)[:, 1])
+    r = open_source(tmp_path / "views.pt")
+    assert torch.equal(r.load(["x"])["x"], base[2:5]) and torch.equal(r.load(["y"])["y"], base.view(3, 4)[:, 1])
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ref.pt").read_bytes()[:300])
     with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable torch \.pt file"):
-        open_tensor_file(tmp_path / "cut.pt")
+        open_source(tmp_path / "cut.pt")
 
 
 def test_safetensors_writer_matches_library(tmp_path):
@@ -102,12 +102,12 @@ def test_safetensors_writer_matches_library(tmp_path):
     assert n % 8 == 0 and json.loads(raw[8:8 + n])["__metadata__"] == {"format": "pt"}
     # Our reader reads files written by the library.
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "lib.safetensors")
-    r = open_tensor_file(tmp_path / "lib.safetensors")
+    r = open_source(tmp_path / "lib.safetensors")
     for k in sd:
-        assert bitwise_equal(r.read(k), sd[k].contiguous()), k
+        assert bitwise_equal(r.load([k])[k], sd[k].contiguous()), k
     (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) - 4])
     with pytest.raises(CheckpointError, match=r"cut\.safetensors: truncated"):
-        open_tensor_file(tmp_path / "cut.safetensors")
+        open_source(tmp_path / "cut.safetensors")
 
 
 def test_sizes_shards_and_groups():
@@ -115,6 +115,6 @@ def test_sizes_shards_and_groups():
     with pytest.raises(ValueError, match="cannot parse size"):
         parse_size("5 parsecs")
     ents = [TensorEntry(str(i), torch.float32, (n,)) for i, n in enumerate([10, 10, 30, 5, 5])]  # bytes 40 40 120 20 20
-    assert [[e.key for e in s] for s in plan_shards(ents, 80)] == [["0", "1"], ["2"], ["3", "4"]]
-    assert [[e.key for e in g] for g in group_by_bytes(ents, 100)] == [["0", "1"], ["2"], ["3", "4"]]
+    assert [[e.name for e in s] for s in plan_shards(ents, 80)] == [["0", "1"], ["2"], ["3", "4"]]
+    assert [[e.name for e in g] for g in group_by_bytes(ents, 100)] == [["0", "1"], ["2"], ["3", "4"]]
     assert all(sum(e.nbytes for e in g) <= 100 or len(g) == 1 for g in group_by_bytes(ents, 100))

@@ -8,21 +8,22 @@ torch's own zip writer (`torch._C.PyTorchFileWriter`, the one `torch.save`
 uses: 64-byte alignment for `mmap=True`, CRC32, zip64) one storage at a time.
 The result loads with `torch.load(path, weights_only=True)` and `mmap=True`,
 and its `data.pkl` is byte-identical to what `torch.save` writes for the same
-dict. `PtReader` reads such a file back one tensor at a time by byte offset.
+dict. `PtSource` reads such a file back one tensor at a time by byte offset.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import sys
 from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.tensor_files import TensorEntry
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.tensor_source import TensorEntry, read_range
 
 # torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL).
 _PICKLE_PROTOCOL = 2
@@ -64,9 +65,7 @@ def pickle_tensor_dict(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) 
     """`data.pkl` of a `.pt` holding a dict of contiguous tensors; storage keys are "0", "1", ... in order."""
     obj = {}
     for i, (name, dtype, shape) in enumerate(entries):
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
         obj[name] = _TensorStub(_StorageStub(str(i), dtype, numel, numel * itemsize), tuple(shape))
     buf = io.BytesIO()
@@ -174,7 +173,7 @@ class PtWriter:
 def load_pt(path: str | Path, **kwargs):
     """`torch.load(path, weights_only=True, **kwargs)`, with a CheckpointError naming the file instead of
     torch's errors (whose advice to retry with `weights_only=False` would run the file's code)."""
-    from cosmos_train.checkpoint.dcp_safe import weights_only_reason
+    from cosmos_train.export.dcp_safe import weights_only_reason
 
     try:
         return torch.load(path, weights_only=True, **kwargs)
@@ -189,35 +188,37 @@ def load_pt(path: str | Path, **kwargs):
                               f"{weights_only_reason(e)})") from None
 
 
-class PtReader:
-    """Read the tensors of a `.pt` holding a flat dict one at a time, by byte offset.
+class PtSource:
+    """The `TensorSource` of a `.pt` holding a flat dict, read one tensor at a time by byte offset.
 
     `torch.load(map_location="meta")` gives every tensor's storage offset in the
-    file without reading data; `read(key)` then reads just that storage.
+    file without reading data; `load(names)` then reads just those storages.
+    Non-tensor values (old Transformer Engine `_extra_state` blobs) are listed in
+    `non_tensor_keys` and never read.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.files = [self.path]
         meta = load_pt(self.path, map_location="meta")
-        if not isinstance(meta, dict) or not all(isinstance(v, torch.Tensor) for v in meta.values()):
+        if not isinstance(meta, dict) or not any(isinstance(v, torch.Tensor) for v in meta.values()):
             raise CheckpointError(f"{self.path}: expected a flat dict of tensors (a consolidated checkpoint)")
-        self._meta: dict[str, torch.Tensor] = meta
-        self.entries = {k: TensorEntry(k, v.dtype, tuple(v.shape)) for k, v in meta.items()}
+        self._meta = {k: v for k, v in meta.items() if isinstance(v, torch.Tensor)}
+        self.non_tensor_keys = [k for k in meta if k not in self._meta]
+        self.entries = {k: TensorEntry(k, v.dtype, tuple(v.shape)) for k, v in self._meta.items()}
         size = self.path.stat().st_size
-        for k, v in meta.items():
+        for k, v in self._meta.items():
             st = v.untyped_storage()
             if st._checkpoint_offset + st.nbytes() > size:
                 raise CheckpointError(f"{self.path}: truncated (tensor {k!r} ends past the end of the file)")
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor `key`, read from disk into a new CPU tensor."""
-        m = self._meta[key]
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `names`, each read from disk into a new CPU tensor."""
+        return {n: self._read(n) for n in names}
+
+    def _read(self, name: str) -> torch.Tensor:
+        m = self._meta[name]
         st = m.untyped_storage()
-        buf = torch.empty(st.nbytes(), dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(st._checkpoint_offset)
-            if f.readinto(buf.numpy()) != st.nbytes():
-                raise CheckpointError(f"{self.path}: truncated while reading {key!r}")
+        buf = read_range(self.path, st._checkpoint_offset, st.nbytes(), what=name)
         t = torch.empty(0, dtype=m.dtype).set_(buf.untyped_storage(), m.storage_offset(), m.shape, m.stride())
         return t if t.is_contiguous() and t.nbytes == st.nbytes() else t.contiguous().clone()

@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from cosmos_train.checkpoint import layout
-from cosmos_train.checkpoint.dcp_safe import _DCP_CLASSES, MetadataUnpickler, read_metadata_file
+from cosmos_train.export.dcp_safe import _DCP_CLASSES, MetadataUnpickler, read_metadata_file
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.cli.inspect import inspect
 from cosmos_train.errors import CheckpointError
@@ -93,8 +93,8 @@ def _fresh(run: Path, **kw):
 
 
 def test_hostile_metadata_is_refused_everywhere_and_runs_nothing(tmp_path):
-    from cosmos_train.checkpoint.consolidate import consolidate
-    from cosmos_train.infer import _load_dcp_model
+    from cosmos_train.export.consolidate import consolidate
+    from cosmos_train.export.load import Source, load_weights
 
     it = _committed_run(tmp_path / "run")
     marker = tmp_path / "PWNED"
@@ -109,7 +109,7 @@ def test_hostile_metadata_is_refused_everywhere_and_runs_nothing(tmp_path):
     with pytest.raises(CheckpointError, match=r"model/\.metadata"):
         consolidate(it, tmp_path / "out.pt", progress=False)
     with pytest.raises(CheckpointError, match=r"model/\.metadata"):
-        _load_dcp_model(build(1)[0], it, prefix="net.")
+        load_weights(Source("dcp", it, str(it)), build(1)[0])
     r = CliRunner().invoke(app, ["inspect", str(it), "--verify"], terminal_width=200)
     assert r.exit_code == 2 and "refused" in r.output, r.output
     assert not marker.exists()

@@ -10,10 +10,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from cosmos_train.checkpoint.consolidate import consolidate
-from cosmos_train.checkpoint.convert import convert
 from cosmos_train.errors import CosmosTrainError
-from tests.checkpoint.consolidate_fixtures import bitwise_equal
+from cosmos_train.export.consolidate import consolidate
+from cosmos_train.export.convert import convert
+from tests.export.consolidate_fixtures import bitwise_equal
 
 
 def _state():

@@ -32,12 +32,15 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint import lora_export
-from cosmos_train.checkpoint.dcp_reader import DcpTensorReader, group_by_bytes
-from cosmos_train.checkpoint.disk import disk_full_message, free_bytes, is_disk_full
-from cosmos_train.checkpoint.layout import find_run_dir, resolve_iteration_dir
-from cosmos_train.checkpoint.tensor_files import TensorEntry, open_tensor_file
+from cosmos_train.checkpoint.layout import SPEC_FILE, find_run_dir, install, resolve_iteration_dir
+from cosmos_train.disk import disk_full_message, free_bytes, is_disk_full
 from cosmos_train.errors import CheckpointError, CosmosTrainError
+from cosmos_train.export import lora_export
+from cosmos_train.export.dcp_source import DcpSource, group_by_bytes
+from cosmos_train.export.described import SIDECAR_SUFFIX, SPEC_METADATA_KEY, exported_spec_text, sidecar_path
+from cosmos_train.export.keys import REG, select_export
+from cosmos_train.export.tensor_source import TensorEntry, TensorSource, open_source
+from cosmos_train.models.lora_keys import plain_key
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,6 @@ log = logging.getLogger(__name__)
 # few enough dcp.load calls to be as fast as one full load, small next to any real model.
 _GROUP_BYTES = 64 << 20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-REGULAR, EMA = "net.", "net_ema."
 
 
 @dataclass
@@ -117,28 +119,7 @@ class _Item:
     source_bytes: int
 
 
-def _select(reader: DcpTensorReader, *, ema: bool, both: bool, prefix: str) -> tuple[dict[str, str], list[str]]:
-    """`({source key: output key}, dropped keys)` for the chosen weight set."""
-    dropped = [k for k in [*reader.entries, *reader.non_tensor_keys] if k.rsplit(".", 1)[-1] == "_extra_state"]
-    if other := [k for k in reader.non_tensor_keys if k not in dropped]:
-        log.warning("skipping %d non-tensor entries (e.g. %s)", len(other), other[0])
-    keys = [k for k in reader.entries if k not in set(dropped)]
-    if both:
-        if prefix != REGULAR:
-            raise CosmosTrainError("--prefix cannot be combined with --both (both keeps net. and net_ema. as stored)")
-        mapping = {k: k for k in keys if k.startswith((REGULAR, EMA))}
-    else:
-        src = EMA if ema else REGULAR
-        mapping = {k: prefix + k[len(src):] for k in keys if k.startswith(src)}
-    if not mapping:
-        seen = sorted({k.split(".", 1)[0] + "." for k in keys})
-        what = "EMA weights (net_ema.*); was the run trained with model.ema.enabled = false?" if ema and not both \
-            else "weights under net. / net_ema."
-        raise CheckpointError(f"checkpoint has no {what} (top-level key prefixes found: {', '.join(seen) or 'none'})")
-    return mapping, dropped
-
-
-def _plan(reader: DcpTensorReader, mapping: dict[str, str], *, dtype: torch.dtype | None,
+def _plan(reader: TensorSource, mapping: dict[str, str], *, dtype: torch.dtype | None,
           merge: lora_export.LoraScale | None) -> list[_Item]:
     """Output items in stored order, with LoRA triples folded into one item when merging."""
     items: list[_Item] = []
@@ -156,7 +137,7 @@ def _plan(reader: DcpTensorReader, mapping: dict[str, str], *, dtype: torch.dtyp
         if src in base_to_merged:
             sources = triples[base_to_merged[src]]
         if merge is not None:
-            out = out.replace(".base_layer.", ".")  # PEFT wrapper name -> the plain module's
+            out = plain_key(out)  # PEFT wrapper name -> the plain module's
         out_dtype = dtype if dtype is not None and e.dtype.is_floating_point else e.dtype
         nbytes = sum(reader.entries[k].nbytes for k in sources)
         items.append(_Item(TensorEntry(out, out_dtype, e.shape), sources, nbytes))
@@ -172,7 +153,7 @@ def _produce(item: _Item, loaded: dict[str, torch.Tensor], merge: lora_export.Lo
     return t if t.dtype == item.out.dtype else t.to(item.out.dtype)
 
 
-def _iter_outputs(reader: DcpTensorReader, items: list[_Item], merge):
+def _iter_outputs(reader: TensorSource, items: list[_Item], merge):
     """Yield `(item, tensor)` in order, reading sources a bounded group at a time."""
     for chunk in group_by_bytes(items, _GROUP_BYTES, size=lambda it: it.source_bytes):
         loaded = reader.load([k for it in chunk for k in it.sources])
@@ -185,28 +166,39 @@ def _iter_outputs(reader: DcpTensorReader, items: list[_Item], merge):
 
 
 # ----------------------------------------------------------------------------------- writers
-def _open_writers(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_size: int | None):
-    """`(write(name, t), close(), [(temp file, final path)])` for the output format."""
-    from cosmos_train.checkpoint import safetensors_io as st
+def _open_writers(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_size: int | None,
+                  spec_text: str | None):
+    """`(write(name, t), close(), [(temp file, final path)])` for the output format.
+
+    `spec_text` (the model's resolved spec) goes into the safetensors metadata, or a
+    sidecar `<stem>.spec.toml` beside a `.pt`.
+    """
+    from cosmos_train.export import safetensors_io as st
 
     name = out.name
     if name.endswith((".pt", ".pth")):
         if max_shard_size is not None:
             raise CosmosTrainError("--max-shard-size applies to .safetensors outputs only")
-        from cosmos_train.checkpoint.pt_io import PtWriter
+        from cosmos_train.export.pt_io import PtWriter
 
-        w = PtWriter(tmp / name, [(e.key, e.dtype, e.shape) for e in entries])
-        return w.write, w.close, [(tmp / name, out)]
+        w = PtWriter(tmp / name, [(e.name, e.dtype, e.shape) for e in entries])
+        moves = [(tmp / name, out)]
+        if spec_text is not None:
+            side = sidecar_path(out)
+            (tmp / side.name).write_text(spec_text)
+            moves.insert(0, (tmp / side.name, side))  # the weights file moves last
+        return w.write, w.close, moves
     if not name.endswith(".safetensors"):
         raise CosmosTrainError(f"{out}: unknown output type; use a .pt, .pth or .safetensors file name")
     try:
         shards = st.plan_shards(entries, st.parse_size(max_shard_size)) if max_shard_size else [entries]
         names = st.shard_file_names(out, len(shards)) if len(shards) > 1 else [name]
-        writers = [st.SafetensorsWriter(tmp / n, s, metadata={"format": "pt"})
+        metadata = {"format": "pt", **({SPEC_METADATA_KEY: spec_text} if spec_text is not None else {})}
+        writers = [st.SafetensorsWriter(tmp / n, s, metadata=metadata)
                    for s, n in zip(shards, names, strict=True)]
     except ValueError as e:  # a bad --max-shard-size, or a dtype safetensors cannot store
         raise CosmosTrainError(f"{out.name}: {e}") from None
-    where = {e.key: w for s, w in zip(shards, writers, strict=True) for e in s}
+    where = {e.name: w for s, w in zip(shards, writers, strict=True) for e in s}
     moves = [(tmp / n, out.parent / n) for n in names]
     if len(shards) > 1:
         st.write_index(tmp / st.index_file_name(out), shards, names)
@@ -238,18 +230,18 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
-def _verify(reader: DcpTensorReader, items: list[_Item], merge, index_or_file: Path, progress: bool) -> None:
+def _verify(reader: TensorSource, items: list[_Item], merge, index_or_file: Path, progress: bool) -> None:
     """Re-read the written output and compare every tensor bitwise with one recomputed from DCP."""
-    written = open_tensor_file(index_or_file)
-    expected = [it.out.key for it in items]
+    written = open_source(index_or_file)
+    expected = [it.out.name for it in items]
     if sorted(written.entries) != sorted(expected):
         missing = sorted(set(expected) - set(written.entries))[:5]
         raise CheckpointError(f"verify: {index_or_file} does not hold the expected keys (missing e.g. {missing})")
     p, task = byte_progress(progress, sum(it.out.nbytes for it in items), "verify")
     with p:
         for it, t in _iter_outputs(reader, items, merge):
-            if not _bitwise_equal(written.read(it.out.key), t):
-                raise CheckpointError(f"verify: tensor {it.out.key!r} in {index_or_file} differs from the "
+            if not _bitwise_equal(written.load([it.out.name])[it.out.name], t):
+                raise CheckpointError(f"verify: tensor {it.out.name!r} in {index_or_file} differs from the "
                                       f"DCP source {reader.path}")
             p.advance(task, it.out.nbytes)
 
@@ -271,18 +263,12 @@ def _replace(moves: list[tuple[Path, Path]]) -> None:
     for tmp, final in moves:
         if final.is_dir() and not tmp.is_dir():
             raise CosmosTrainError(f"{final}: exists and is a directory; choose another output path")
-        if final.is_dir():
-            aside = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        install(tmp, final)
 
 
 def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: int | None = None,
                 ema: bool = False, both: bool = False, dtype: str | torch.dtype | None = None,
-                prefix: str = REGULAR, merge_lora: bool = False, adapter_only: bool = False,
+                prefix: str = REG, merge_lora: bool = False, adapter_only: bool = False,
                 lora_rank: int | None = None, lora_alpha: int | None = None,
                 max_shard_size: int | str | None = None, verify: bool = False,
                 progress: bool = True) -> ConsolidateReport:
@@ -306,8 +292,9 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         out = default_output(it_dir, ema=ema, dtype=dt, merge_lora=merge_lora, adapter_only=adapter_only,
                              suffix=".safetensors" if max_shard_size else ".pt")
     out = Path(out)
-    reader = DcpTensorReader(model_dir)
-    mapping, dropped = _select(reader, ema=ema, both=both, prefix=prefix)
+    reader = DcpSource(model_dir)
+    run_dir = find_run_dir(it_dir)
+    mapping, dropped = select_export(reader.entries, reader.non_tensor_keys, ema=ema, both=both, prefix=prefix)
     if dropped:
         log.info("dropping %d _extra_state entries (as upstream loaders do)", len(dropped))
     scale = None
@@ -315,7 +302,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         if both:
             raise CosmosTrainError("--both cannot be combined with --merge-lora / --adapter-only; "
                                    "export net. and net_ema. separately (--ema)")
-        scale = lora_export.resolve_scale(find_run_dir(it_dir), reader.entries, list(mapping),
+        scale = lora_export.resolve_scale(run_dir, reader.entries, list(mapping),
                                           rank=lora_rank, alpha=lora_alpha, merge=merge_lora)
     merge = scale if merge_lora else None
     if adapter_only:
@@ -335,11 +322,12 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         if adapter_only:
             write, close, moves = lora_export.open_adapter_writer(tmp, out, [it.out for it in items], scale)
         else:
-            write, close, moves = _open_writers(tmp, out, [it.out for it in items], max_shard_size)
+            spec_text = exported_spec_text(run_dir / SPEC_FILE, merged=merge_lora) if run_dir else None
+            write, close, moves = _open_writers(tmp, out, [it.out for it in items], max_shard_size, spec_text)
         p, task = byte_progress(progress, total, f"consolidate {it_dir.name}")
         with p:
             for it, t in _iter_outputs(reader, items, merge):
-                write(it.out.key, t)
+                write(it.out.name, t)
                 p.advance(task, it.out.nbytes)
         close()
         reader.check_checksums()  # CRCs taken while reading: damaged shards never become an output
@@ -354,7 +342,8 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report = ConsolidateReport(it_dir, [m[1] for m in moves], len(items), total, time.perf_counter() - t0,
+    outputs = [final for _, final in moves if not final.name.endswith(SIDECAR_SUFFIX)]
+    report = ConsolidateReport(it_dir, outputs, len(items), total, time.perf_counter() - t0,
                                peak_rss_bytes(), verified=verify, dropped_keys=dropped)
     log.info("consolidated %s", report.summary())
     return report

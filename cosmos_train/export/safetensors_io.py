@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.tensor_files import TensorEntry
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.tensor_source import TensorEntry, read_range
 
 _DTYPE_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -62,7 +62,7 @@ def _header_bytes(entries: list[TensorEntry], metadata: dict[str, str] | None) -
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for e in entries:
-        header[e.key] = {"dtype": _st_dtype(e.dtype), "shape": list(e.shape),
+        header[e.name] = {"dtype": _st_dtype(e.dtype), "shape": list(e.shape),
                          "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -85,8 +85,8 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must match the next entry's name, dtype and shape."""
         e = self._entries[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (e.key, e.dtype, e.shape):
-            raise ValueError(f"SafetensorsWriter: expected {e.key} {e.dtype} {list(e.shape)}, "
+        if (name, tensor.dtype, tuple(tensor.shape)) != (e.name, e.dtype, e.shape):
+            raise ValueError(f"SafetensorsWriter: expected {e.name} {e.dtype} {list(e.shape)}, "
                              f"got {name} {tensor.dtype} {list(tensor.shape)}")
         t = tensor.detach().cpu().contiguous().reshape(-1)
         if t.numel():
@@ -126,7 +126,7 @@ def index_file_name(out: Path) -> str:
 
 def write_index(path: Path, shards: list[list[TensorEntry]], names: list[str]) -> None:
     """The Hugging Face index of a sharded safetensors checkpoint."""
-    weight_map = {e.key: name for shard, name in zip(shards, names, strict=True) for e in shard}
+    weight_map = {e.name: name for shard, name in zip(shards, names, strict=True) for e in shard}
     total = sum(e.nbytes for shard in shards for e in shard)
     path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
@@ -194,15 +194,15 @@ def _entry(path: Path, key: str, v, data_size: int) -> tuple[TensorEntry, int, i
     return TensorEntry(key, torch_dtype, tuple(shape)), begin, end
 
 
-class SafetensorsReader:
-    """Read a `.safetensors` file or a sharded set (via its `.index.json`) one tensor at a time.
+class SafetensorsSource:
+    """The `TensorSource` of a `.safetensors` file or a sharded set (via its `.index.json`).
 
     Every header is validated first (framing, dtype, shape x itemsize = byte span, bounds),
     so a lying or damaged file is a CheckpointError naming the file and tensor.
     """
 
     def __init__(self, path: str | Path):
-        path = Path(path)
+        self.path = path = Path(path)
         if path.name.endswith(".index.json"):
             try:
                 weight_map = json.loads(path.read_text())["weight_map"]
@@ -217,6 +217,7 @@ class SafetensorsReader:
         else:
             files = [path]
         self.files = files
+        self.non_tensor_keys: list[str] = []  # the format stores tensors only
         self.entries: dict[str, TensorEntry] = {}
         self._where: dict[str, tuple[Path, int, int]] = {}
         for f in files:
@@ -227,13 +228,15 @@ class SafetensorsReader:
                 self.entries[k] = entry
                 self._where[k] = (f, start + begin, end - begin)
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor `key`, read from disk into a new CPU tensor."""
-        f, offset, nbytes = self._where[key]
-        e = self.entries[key]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        with open(f, "rb") as fh:
-            fh.seek(offset)
-            if fh.readinto(buf.numpy()) != nbytes:
-                raise CheckpointError(f"{f}: truncated while reading {key!r}")
-        return buf.view(e.dtype).reshape(e.shape) if nbytes else torch.empty(e.shape, dtype=e.dtype)
+    def metadata(self) -> dict[str, str]:
+        """The `__metadata__` of the (first) file: free-form strings such as the model's architecture."""
+        return dict(read_header(self.files[0])[0].get("__metadata__") or {})
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `names`, each read from disk into a new CPU tensor."""
+        out = {}
+        for name in names:
+            f, offset, nbytes = self._where[name]
+            e = self.entries[name]
+            out[name] = read_range(f, offset, nbytes, what=name).view(e.dtype).reshape(e.shape)
+        return out

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from cosmos_train.checkpoint.manager import Checkpointer
-from cosmos_train.checkpoint.safetensors_io import SafetensorsReader
+from cosmos_train.export.safetensors_io import SafetensorsSource
 from cosmos_train.errors import CheckpointError
 from tests.checkpoint.hostile import hostile_pt
 from tests.checkpoint.toy import build, spec
@@ -50,7 +50,7 @@ def _set(key, field, value):
 def test_lying_safetensors_headers_name_the_tensor(tmp_path, edit, fragment):
     bad = _rewrite(_good(tmp_path), tmp_path / "bad.safetensors", edit)
     with pytest.raises(CheckpointError, match="bad.safetensors") as e:
-        SafetensorsReader(bad)
+        SafetensorsSource(bad)
     assert fragment in str(e.value)
     parts = build(0)  # the same through load_path, as `run` uses it
     with pytest.raises(CheckpointError, match="bad.safetensors"):
@@ -62,20 +62,20 @@ def test_huge_or_garbage_safetensors_header_is_refused_before_allocating(tmp_pat
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
     with pytest.raises(CheckpointError, match="huge.safetensors: corrupt safetensors header .claims 4611686018427387904"):
-        SafetensorsReader(huge)
+        SafetensorsSource(huge)
     listy = tmp_path / "list.safetensors"
     listy.write_bytes(struct.pack("<Q", 8) + b"[1, 2]  ")
     with pytest.raises(CheckpointError, match="a JSON list, not an object"):
-        SafetensorsReader(listy)
+        SafetensorsSource(listy)
     index = tmp_path / "m.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"net.a": "../../etc/passwd"}}))
     with pytest.raises(CheckpointError, match="file names in the same directory"):
-        SafetensorsReader(index)
+        SafetensorsSource(index)
 
 
 @pytest.mark.parametrize("kind", ["hostile", "garbage", "truncated"])
 def test_corrupt_or_hostile_pt_gets_our_message(tmp_path, kind):
-    from cosmos_train.checkpoint.tensor_files import open_tensor_file
+    from cosmos_train.export.tensor_source import open_source
 
     path, marker = tmp_path / "model.pt", tmp_path / "PWNED"
     if kind == "hostile":
@@ -87,7 +87,7 @@ def test_corrupt_or_hostile_pt_gets_our_message(tmp_path, kind):
         path.write_bytes(path.read_bytes()[:600])
     parts = build(0)
     for load in (lambda: Checkpointer(spec(load_path=str(path)), tmp_path / "run", model=parts[0]).initialize(),
-                 lambda: open_tensor_file(path)):
+                 lambda: open_source(path)):
         with pytest.raises(CheckpointError, match="model.pt") as e:
             load()
         assert "weights_only" not in str(e.value) and "arbitrary code" not in str(e.value)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from cosmos_train.checkpoint.manager import Checkpointer
-from cosmos_train.checkpoint.sources import resolve_load_path
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.load import resolve_load_path
 from tests.checkpoint.toy import build, full_state, spec, train_steps
 
 
@@ -121,7 +121,7 @@ def test_hf_source_from_prefilled_cache_offline(tmp_path):
 
 
 def test_hf_path_cannot_leave_the_snapshot(tmp_path):
-    from cosmos_train.checkpoint.sources import inside_snapshot
+    from cosmos_train.export.load import inside_snapshot
 
     # a DCP dir outside the cache that `..` would reach
     src = build(0)
@@ -140,3 +140,21 @@ def test_hf_path_cannot_leave_the_snapshot(tmp_path):
     with pytest.raises(CheckpointError, match="outside the downloaded snapshot"):
         inside_snapshot(root, "../other", "hf://o/r/../other")
     assert inside_snapshot(root, "ckpt/iter_000000001", "s") == root / "ckpt" / "iter_000000001"
+
+
+def test_a_bug_keeps_its_traceback_instead_of_a_damaged_checkpoint_message(tmp_path, monkeypatch):
+    import cosmos_train.export.load as load_module
+
+    parts = build(0)
+    ck = Checkpointer(spec(), tmp_path / "run", model=parts[0])
+    ck.save(1)
+    ck.close()
+
+    def buggy_planner(*args, **kwargs):
+        raise ZeroDivisionError("a bug in the planner")
+
+    monkeypatch.setattr(load_module, "plan_keys", buggy_planner)
+    ck = Checkpointer(spec(), tmp_path / "run", model=build(1)[0])
+    with pytest.raises(ZeroDivisionError, match="a bug in the planner"):  # not CheckpointError / exit 2
+        ck.load()
+    ck.close()

@@ -6,26 +6,27 @@ output is `x W^T + (alpha / r) x A^T B^T`. Merging writes `m.weight = W + (alpha
 (`models.lora.merge_lora_state_dict`, one triple at a time), a plain state dict. The
 PEFT adapter format keeps only A and B as `base_model.model.<m>.lora_{A,B}.weight` in
 `adapter_model.safetensors` next to `adapter_config.json` (`models.lora.lora_config`).
-`models.lora` imports PEFT, so it is imported only when a LoRA option is used.
+Adapter keys are recognised by `models.lora_keys` (no PEFT import); `models.lora`
+(which imports PEFT) is imported only to merge or to write the adapter config.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.tensor_files import TensorEntry
 from cosmos_train.errors import CheckpointError, CosmosTrainError
+from cosmos_train.export.keys import EMA, REG
+from cosmos_train.export.tensor_source import TensorEntry
+from cosmos_train.models.lora_keys import LORA_KEY, base_weight_key
 
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # == models.lora.WEIGHTS_FILE (kept here: no PEFT import)
-_LORA_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
-_SOURCE_PREFIXES = ("net_ema.", "net.")
+_SOURCE_PREFIXES = (EMA, REG)
 
 
 @dataclass(frozen=True)
@@ -37,17 +38,21 @@ class LoraScale:
     target_modules: tuple[str, ...]
 
 
-def find_lora_triples(keys: list[str]) -> dict[str, tuple[str, str, str]]:
-    """`{merged key: (base weight key, lora_A key, lora_B key)}` for every adapted module in `keys`."""
+def find_lora_triples(keys: list[str], *, need_base: bool = True) -> dict[str, tuple[str, str, str]]:
+    """`{merged key: (base weight key, lora_A key, lora_B key)}` for every adapted module in `keys`.
+
+    `need_base=False` accepts adapters without their base weight (an adapter-only checkpoint
+    exported as adapters); merging needs it.
+    """
     present = set(keys)
     triples = {}
     for k in keys:
-        m = _LORA_RE.match(k)
+        m = LORA_KEY.match(k)
         if not m or m["ab"] != "A":
             continue
-        mod, adapter = m["mod"], m["adapter"]
-        base, b = f"{mod}.base_layer.weight", f"{mod}.lora_B.{adapter}.weight"
-        missing = [x for x in (base, b) if x not in present]
+        mod = m["module"]
+        base, b = base_weight_key(mod), k[:m.start("ab")] + "B" + k[m.end("ab"):]
+        missing = [x for x in ((base, b) if need_base else (b,)) if x not in present]
         if missing:
             raise CheckpointError(f"LoRA adapter {k!r} has no matching {missing[0]!r} in the checkpoint")
         triples[f"{mod}.weight"] = (base, k, b)
@@ -64,7 +69,7 @@ def merge_triple(keys: tuple[str, str, str], tensors: tuple[torch.Tensor, ...], 
 
 
 def _adapter_names(keys: list[str]) -> set[str]:
-    return {m["adapter"] for k in keys if (m := _LORA_RE.match(k))}
+    return {m["adapter"] for k in keys if (m := LORA_KEY.match(k))}
 
 
 def resolve_scale(run_dir: Path | None, entries: dict[str, TensorEntry], keys: list[str], *,
@@ -73,7 +78,7 @@ def resolve_scale(run_dir: Path | None, entries: dict[str, TensorEntry], keys: l
     flag = "--merge-lora" if merge else "--adapter-only"
     if any(".lora_magnitude_vector." in k or ".lora_embedding_" in k for k in keys):
         raise CheckpointError(f"{flag}: DoRA / embedding adapters are not supported")
-    triples = find_lora_triples(keys)
+    triples = find_lora_triples(keys, need_base=merge)
     if not triples:
         raise CheckpointError(
             f"{flag}: the checkpoint has no LoRA adapters (no '.lora_A.' keys): it was trained without LoRA "
@@ -115,10 +120,10 @@ def adapter_entries(entries: dict[str, TensorEntry], mapping: dict[str, str], *,
     """`[(source key, PEFT-named output entry)]` for the lora_A / lora_B weights of the selected set."""
     out = []
     for src in mapping:
-        m = _LORA_RE.match(src)
+        m = LORA_KEY.match(src)
         if not m:
             continue
-        fqn = m["mod"]
+        fqn = m["module"]
         for p in _SOURCE_PREFIXES:
             if fqn.startswith(p):
                 fqn = fqn[len(p):]
@@ -131,7 +136,7 @@ def adapter_entries(entries: dict[str, TensorEntry], mapping: dict[str, str], *,
 
 def open_adapter_writer(tmp: Path, out: Path, entries: list[TensorEntry], lora: LoraScale):
     """Start a PEFT adapter dir under `tmp`: `(write, close, [(temp dir, final dir)])`."""
-    from cosmos_train.checkpoint.safetensors_io import SafetensorsWriter
+    from cosmos_train.export.safetensors_io import SafetensorsWriter
     from cosmos_train.models.lora import lora_config
     from cosmos_train.spec import LoraSpec
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cosmos_train.checkpoint.consolidate import consolidate, default_output
 from cosmos_train.errors import CheckpointError, CosmosTrainError
-from tests.checkpoint.consolidate_fixtures import ITER, bitwise_equal, build, make_runs, reference
+from cosmos_train.export.consolidate import consolidate, default_output
+from tests.export.consolidate_fixtures import ITER, bitwise_equal, build, make_runs, reference
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +204,29 @@ def test_default_output_and_rerun(runs, tmp_path):
     assert sorted(os.listdir(run / "consolidated")) == [f"{ITER}.pt"]
     with pytest.raises(CheckpointError, match="no iteration 20"):
         consolidate(run, iteration=20, progress=False)
+
+
+def test_consolidated_files_describe_their_spec(runs, tmp_path):
+    from cosmos_train.export.described import SPEC_METADATA_KEY, read_described_spec, sidecar_path
+    from cosmos_train.export.load import resolve_load_path
+    from cosmos_train.export.safetensors_io import SafetensorsSource
+    from cosmos_train.infer import InferenceRequest, resolve_spec
+    from cosmos_train.spec import load_spec_text
+
+    st = consolidate(runs["lora"], tmp_path / "lora.safetensors", progress=False).outputs[0]
+    text = SafetensorsSource(st).metadata()[SPEC_METADATA_KEY]
+    assert load_spec_text(text).model.train_architecture == "lora"
+    merged = consolidate(runs["lora"], tmp_path / "merged.pt", merge_lora=True, progress=False).outputs
+    assert merged == [tmp_path / "merged.pt"] and sidecar_path(merged[0]).is_file()
+    spec = load_spec_text(read_described_spec(merged[0]))
+    assert spec.model.train_architecture == "full" and spec.model.lora.rank == 16  # the defaults again
+    # infer takes the architecture from the file itself, wherever it was moved to
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for f in (merged[0], sidecar_path(merged[0])):
+        f.rename(moved / f.name)
+    req = InferenceRequest(checkpoint=moved / "merged.pt", input=tmp_path, prompt_embedding="", output=tmp_path)
+    assert resolve_spec(req, resolve_load_path(req.checkpoint)).model.train_architecture == "full"
+    # a run without spec.toml gives a file without a description
+    plain = consolidate(runs["full"], tmp_path / "full.pt", progress=False).outputs[0]
+    assert read_described_spec(plain) is None and not sidecar_path(plain).exists()
