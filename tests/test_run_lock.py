@@ -18,7 +18,8 @@ from cosmos_train.cli import app
 from cosmos_train.run_lock import LOCK_FILE, RunLock, RunLockedError
 from tests.train_fixtures import ROOT, small_spec
 
-HOLD = "import sys, time; from cosmos_train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD = ("import sys, time; from cosmos_train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(60)")
 
 
 def _holder(run_dir):

@@ -295,8 +295,8 @@ def verify_reads(iter_dir: str | Path, part: str, shares: list[dict], manifest: 
             continue
         got = f"{_whole_file_crc(path, runs, size) & 0xFFFFFFFF:08x}"
         if got != want[ALGORITHM]:
-            problems.append(f"{path}: {ALGORITHM} mismatch (read {got}, {layout.MANIFEST_FILE} says {want[ALGORITHM]}): "
-                            f"the file changed since the save")
+            problems.append(f"{path}: {ALGORITHM} mismatch (read {got}, {layout.MANIFEST_FILE} says "
+                            f"{want[ALGORITHM]}): the file changed since the save")
     return problems
 
 

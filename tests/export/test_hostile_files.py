@@ -38,7 +38,8 @@ def _set(key, field, value):
 
 
 @pytest.mark.parametrize("edit, fragment", [
-    (_set("net.a", "shape", [3, 3]), "tensor 'net.a': shape [3, 3] x 4 bytes (F32) = 36 bytes, but data_offsets span 24"),
+    (_set("net.a", "shape", [3, 3]),
+     "tensor 'net.a': shape [3, 3] x 4 bytes (F32) = 36 bytes, but data_offsets span 24"),
     (_set("net.a", "data_offsets", [24, 0]), "tensor 'net.a': data_offsets begin 24 > end 0"),
     (_set("net.a", "data_offsets", [0, 2**40]), "tensor 'net.a'"),
     (_set("net.b", "dtype", 5), "tensor 'net.b': unsupported dtype 5"),
@@ -61,7 +62,8 @@ def test_huge_or_garbage_safetensors_header_is_refused_before_allocating(tmp_pat
     raw = _good(tmp_path).read_bytes()
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
-    with pytest.raises(CheckpointError, match="huge.safetensors: corrupt safetensors header .claims 4611686018427387904"):
+    with pytest.raises(CheckpointError,
+                       match="huge.safetensors: corrupt safetensors header .claims 4611686018427387904"):
         SafetensorsSource(huge)
     listy = tmp_path / "list.safetensors"
     listy.write_bytes(struct.pack("<Q", 8) + b"[1, 2]  ")
