@@ -1,8 +1,9 @@
 """A small file system for disk-full tests: a real tmpfs where mounting works (root), else a stub.
 
 The stub gives the project's writers (DCP shards through the checksumming file system, `.pt`
-and `.safetensors` outputs, atomic control files) a shared byte budget and raises ENOSPC past
-it, and reports the remaining budget as the free space.
+and `.safetensors` outputs, atomic control files) a budget of `size` minus the bytes already
+under the root (so deleting files frees space, as on a real disk), raises ENOSPC past it, and
+reports the remaining budget as the free space.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ def _try_mount(path: Path, size: int) -> bool:
     return r.returncode == 0
 
 
+def _used(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
 class _Budget:
     def __init__(self, root: Path, size: int) -> None:
-        self.root, self.left = root, size
+        self.root, self.size = root, size
+
+    @property
+    def left(self) -> int:
+        return max(0, self.size - _used(self.root))
 
     def opener(self, real_open, *, by_fd: bool = False):
         budget = self
@@ -39,10 +48,9 @@ class _Budget:
 
                 def limited(b):
                     n = len(b.encode()) if isinstance(b, str) else memoryview(b).nbytes
+                    f.flush()  # so the bytes written so far count as used
                     if n > budget.left:
-                        budget.left = 0
                         raise OSError(errno.ENOSPC, "No space left on device (stub)", str(file))
-                    budget.left -= n
                     return write(b)
 
                 f.write = limited
@@ -57,15 +65,17 @@ class SmallDisk:
     def __init__(self, root: Path, kind: str, budget: _Budget | None) -> None:
         self.root, self.kind, self._budget = root, kind, budget
 
-    def fill(self, leave: int) -> None:
-        """Occupy the space so that about `leave` bytes stay free."""
+    def free(self) -> int:
         if self._budget is not None:
-            self._budget.left = leave
-            return
+            return self._budget.left
         st = os.statvfs(self.root)
-        free = st.f_bavail * st.f_frsize
-        with open(self.root / f"filler-{uuid.uuid4().hex}", "wb") as f:
-            f.write(b"\0" * max(0, free - leave))
+        return st.f_bavail * st.f_frsize
+
+    def fill(self, leave: int, where: Path | None = None) -> None:
+        """Occupy the space (a real file, under `where` or the root) so that about `leave` bytes stay free."""
+        where = where or self.root
+        with open(where / f"filler-{uuid.uuid4().hex}", "wb") as f:  # the real open: not budgeted
+            f.write(b"\0" * max(0, self.free() - leave))
 
 
 @pytest.fixture

@@ -241,3 +241,23 @@ def test_spec_on_a_full_disk_is_a_clean_error_without_temp_files(small_disk):
     with pytest.raises(CosmosTrainError, match=r"spec\.toml: disk full \(ENOSPC\) while writing the run's spec"):
         write_spec(ExperimentSpec(), disk.root / "run")
     assert list((disk.root / "run").iterdir()) == []
+
+
+def test_resume_on_a_disk_filled_by_a_crashed_save_cleans_up_first(small_disk, tmp_path):
+    from cosmos_train.train import train
+    from tests.train_fixtures import small_spec
+
+    disk = small_disk(24 << 20)
+    spec = small_spec(disk.root, trainer={"max_iter": 1}, checkpoint={"save_iter": 1},
+                      data={"dataset_dir": str(tmp_path / "data")})
+    train(spec, show_progress=False)
+    run = spec.run_dir()
+    crashed = layout.checkpoints_dir(run) / "iter_000000002.tmp-dead"  # a save killed mid-write
+    crashed.mkdir()
+    disk.fill(leave=0, where=crashed)
+    resumed = small_spec(disk.root, trainer={"max_iter": 2}, checkpoint={"save_iter": 1},
+                         data={"dataset_dir": str(tmp_path / "data")})
+    result = train(resumed, run_dir=run, require_checkpoint=True, show_progress=False)
+    assert result.start_step == 1 and result.end_step == 2
+    assert not crashed.exists() and not list(run.glob(".spec.*"))
+    assert [s for s, _ in layout.committed_iterations(layout.checkpoints_dir(run))] == [1, 2]
