@@ -303,11 +303,14 @@ def verify_reads(iter_dir: str | Path, part: str, shares: list[dict], manifest: 
 def check_reads(iter_dir: str | Path, part: str, shares: list[dict]) -> None:
     """`verify_reads` against the iteration's manifest; CorruptCheckpointError listing the problems."""
     root = Path(iter_dir)
-    problems = verify_reads(root, part, shares, layout.read_manifest(root))
+    manifest = layout.read_manifest(root)
+    if manifest is None and layout.is_committed(root):  # only upstream-style dirs go without one
+        problems = [f"{root / layout.MANIFEST_FILE}: missing, but the iteration is committed (this toolkit writes "
+                    f"the manifest before {layout.COMMITTED_MARKER}); integrity cannot be checked"]
+    else:
+        problems = verify_reads(root, part, shares, manifest)
     if problems:
         raise CorruptCheckpointError(f"checkpoint {root.name} ({root}) is damaged:\n  " + "\n  ".join(problems))
-
-
 
 
 def check_reads_on_all_ranks(iter_dir: str | Path, segments: dict[str, Segments]) -> None:

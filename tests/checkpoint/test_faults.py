@@ -165,6 +165,11 @@ def test_missing_manifest_in_a_committed_iteration_is_damage(tmp_path, caplog):
     (ck_dir / "iter_000000002" / "MANIFEST.json").unlink()
     r = CliRunner().invoke(app, ["inspect", str(ck_dir / "iter_000000002"), "--verify"], terminal_width=300)
     assert r.exit_code == 2 and "MANIFEST.json: missing, but the iteration is committed" in r.output, r.output
+    from cosmos_train.export.consolidate import consolidate
+
+    with pytest.raises(CorruptCheckpointError, match="MANIFEST.json: missing"):
+        consolidate(ck_dir / "iter_000000002", tmp_path / "m.pt", progress=False)
+    assert not (tmp_path / "m.pt").exists()
     _, ck = _fresh(tmp_path)
     with pytest.raises(CorruptCheckpointError, match="MANIFEST.json: missing"):
         ck.load()
