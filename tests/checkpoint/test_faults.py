@@ -266,3 +266,26 @@ def test_resume_on_a_disk_filled_by_a_crashed_save_cleans_up_first(small_disk, t
     assert result.start_step == 1 and result.end_step == 2
     assert not crashed.exists() and not list(run.glob(".spec.*"))
     assert [s for s, _ in layout.committed_iterations(layout.checkpoints_dir(run))] == [1, 2]
+
+
+# ---------------------------------------------------------------------- hostile files
+@pytest.mark.parametrize("where", ["model_metadata", "trainer_item"])
+def test_hostile_latest_checkpoint_runs_nothing_and_falls_back(tmp_path, where, caplog):
+    from tests.checkpoint.hostile import hostile_metadata, hostile_trainer_part, reseal
+
+    ck_dir, states = _run(tmp_path)
+    it, marker = ck_dir / "iter_000000002", tmp_path / "PWNED"
+    if where == "model_metadata":
+        hostile_metadata(it / "model", marker)
+    else:
+        hostile_trainer_part(it, marker)
+    reseal(it)  # an attacker can rewrite the manifest too: the safety must not depend on it
+    _, ck = _fresh(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match="refused"):
+        ck.load()
+    parts, ck = _fresh(tmp_path, fallback_to_previous=True)
+    with caplog.at_level(logging.WARNING):
+        assert ck.load() == 1
+    assert "FALLING BACK" in caplog.text
+    assert_same(states[1], full_state(parts))
+    assert not marker.exists()
