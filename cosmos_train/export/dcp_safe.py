@@ -189,8 +189,9 @@ class SafePlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CorruptCheckpointError(f"{self._source}: item {fqn!r} refused: not plain data "
-                                         f"({weights_only_reason(e)}); the checkpoint is corrupt or malicious") from None
+            why = weights_only_reason(e)
+            raise CorruptCheckpointError(f"{self._source}: item {fqn!r} refused: not plain data ({why}); "
+                                         f"the checkpoint is corrupt or malicious") from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element
 
