@@ -9,7 +9,15 @@ to. Measured with the project's Checkpointer:
 sync save (async_mode=off), async blocking and total, async_pinned blocking and
 total (its second save reuses the staging buffers), and resume (load). The cost of
 verifying CRCs while loading is measured against torch's own FileSystemReader on the
-same model part (`load_verify_overhead`). Prints JSON.
+same model part, page cache warm (`load_verify_overhead`). Prints JSON.
+
+Load against raw read: before each cold measurement the files' pages are evicted
+from the page cache with posix_fadvise(DONTNEED) (no root needed; works for clean
+pages, and every file here was fsynced). `raw_read` = the ranks reading the DCP
+files of the checkpoint round-robin, 16 MiB at a time; `load_cold` = resume of the
+same checkpoint. For `load_path`, rank 0 consolidates the checkpoint to `.pt` and
+`.safetensors`; `raw_read_<fmt>` = rank 0 reading that file, `load_path_<fmt>` =
+`Checkpointer.initialize(load_path=...)` (rank 0 reads, every rank gets its shard).
 """
 
 from __future__ import annotations
@@ -60,6 +68,27 @@ def _max(x: float) -> float:
     t = torch.tensor([x], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def _evict(files) -> None:
+    """Drop the files' pages from the page cache (clean pages only: they were fsynced)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _read(f) -> int:
+    """Read a whole file 16 MiB at a time into one reused buffer; bytes read."""
+    buf = memoryview(bytearray(16 << 20))
+    n = 0
+    with open(f, "rb", buffering=0) as fh:
+        while k := fh.readinto(buf):
+            n += k
+    return n
 
 
 def _bench(rank, world, root, gb):
@@ -144,6 +173,61 @@ def _bench(rank, world, root, gb):
     same = all(torch.equal(a.to_local(), c.to_local()) for a, c in zip(model.parameters(), model2.parameters()))
     out["load_s"], out["load_gbps"], out["load_bitwise_equal"] = load_s, total_bytes / load_s / 1e9, same
     out.update(_load_verify_cost(model2, root / "off", total_bytes))
+
+    # Cold: raw read of the DCP files vs resume, page cache evicted before each.
+    it_dir = sorted((root / "off" / "checkpoints").glob("iter_*"))[-1]
+    files = sorted(p for p in it_dir.rglob("*") if p.is_file())
+    _evict(files)
+    dist.barrier()
+    t0 = time.perf_counter()
+    mine = sum(_read(f) for i, f in enumerate(files) if i % world == rank)
+    raw_read_s = _max(time.perf_counter() - t0)
+    t = torch.tensor([mine], dtype=torch.float64)
+    dist.all_reduce(t)
+    out["raw_read_s"], out["raw_read_gbps"] = raw_read_s, t.item() / raw_read_s / 1e9
+    _evict(files)
+    model3, _ = _model(gb)
+    ck = Checkpointer(CheckpointSpec(), root / "off", model=model3)
+    dist.barrier()
+    t0 = time.perf_counter()
+    assert ck.load() == 1
+    cold_s = _max(time.perf_counter() - t0)
+    ck.close()
+    out["load_cold_s"], out["load_cold_gbps"] = cold_s, total_bytes / cold_s / 1e9
+    out["ratio_load_cold_vs_raw_read"] = out["load_cold_gbps"] / out["raw_read_gbps"]
+    del model3
+
+    # load_path: a consolidated .pt / .safetensors, read on rank 0 and scattered.
+    from cosmos_train.export.consolidate import consolidate
+
+    for fmt in ("pt", "safetensors"):
+        f = root / f"model.{fmt}"
+        if rank == 0:
+            consolidate(it_dir, f, progress=False)
+        dist.barrier()
+        _evict([f])
+        dist.barrier()
+        t0 = time.perf_counter()
+        nread = _read(f) if rank == 0 else 0
+        raw_s = _max(time.perf_counter() - t0)
+        _evict([f])
+        model4, _ = _model(gb)
+        ck = Checkpointer(CheckpointSpec(), root / f"init_{fmt}", model=model4)
+        dist.barrier()
+        t0 = time.perf_counter()
+        assert ck.initialize(load_path=str(f))
+        lp_s = _max(time.perf_counter() - t0)
+        ck.close()
+        same = all(torch.equal(a.to_local(), c.to_local()) for a, c in zip(model.parameters(), model4.parameters()))
+        del model4
+        if rank == 0:
+            f.unlink()
+        t = torch.tensor([nread], dtype=torch.float64)
+        dist.all_reduce(t)
+        out[f"raw_read_{fmt}_gbps"] = t.item() / raw_s / 1e9
+        out[f"load_path_{fmt}_s"], out[f"load_path_{fmt}_gbps"] = lp_s, total_bytes / lp_s / 1e9
+        out[f"load_path_{fmt}_bitwise_equal"] = same
+        out[f"ratio_load_path_{fmt}_vs_raw_read"] = out[f"load_path_{fmt}_gbps"] / out[f"raw_read_{fmt}_gbps"]
     out["ratio_sync_vs_raw"] = out["sync_save_gbps"] / out["raw_write_gbps"]
     out["ratio_async_blocking_vs_sync"] = out["async_blocking_s"] / out["sync_save_s"]
     out["ratio_async_pinned_blocking_vs_sync"] = out["async_pinned_blocking_s"] / out["sync_save_s"]

@@ -1,22 +1,28 @@
-"""Benchmark: streaming consolidation vs torch's `dcp_to_torch_save`, wall time and peak RSS.
+"""Benchmark: consolidation against a plain copy of the same bytes, and against torch's converter.
 
-For each checkpoint size (default 1 GB and 4 GB of fp32 tensors shaped like the
+For each checkpoint size (default 2 GB and 4 GB of fp32 tensors shaped like the
 2B DiT's: 24 tensors per block at model_channels 2048, plus the embedders, final
 layer and buffers), a DCP model part is saved by 2 gloo ranks (dim-0 sharded
-DTensors, as FSDP2 writes them). Then each converter runs in a fresh process:
+DTensors, as FSDP2 writes them). Then, `--repeats` times, interleaved (the order
+rotates every repeat, so a drift in the shared machine's load hits every side):
 
-  torch/.pt           torch.distributed.checkpoint.format_utils.dcp_to_torch_save
-  torch/.safetensors  the same full load (_EmptyStateDictLoadPlanner), then safetensors.torch.save_file
-  ours/.pt            cosmos_train.export.consolidate.consolidate(..., "model.pt")
-  ours/.safetensors   cosmos_train.export.consolidate.consolidate(..., "model.safetensors")
+  cp             `cp -r` of the DCP dir (shard files + .metadata), then fsync of every copied file
+  read           reading every shard file once (Python, 16 MiB reads): the read half of a copy
+  write_half     writing + fsyncing as many bytes as the bf16 output (the write half of --dtype bf16)
+  ours/.pt       consolidate(..., "model.pt")                  (fresh process)
+  ours/.st       consolidate(..., "model.safetensors")         (fresh process)
+  ours/.pt+crc   consolidate(..., verify_source=True): every chunk checked against its stored CRC32
+  ours/bf16.st   consolidate(..., "model.safetensors", dtype="bf16")
 
-Reported per run: `seconds` (the conversion, timed inside the process),
-`process_seconds` (the whole fresh process, start-up included) and `peak_rss_gib`
-(ru_maxrss of that process); `baseline_rss_gib` is a process that only imports
-the same modules. Ratios are ours / torch. The page cache is warm for every run
-(the checkpoint was just written) and dirty pages are synced between runs.
+and once per size torch's `dcp_to_torch_save` (.pt) for the no-regression ratio.
+Ratios are taken within one repeat (ours / cp of the same repeat) and the median
+over repeats is reported; bf16 is compared with read + write_half. `seconds` of a
+converter is timed inside its fresh process (start-up and imports excluded), peak
+RSS is that process's ru_maxrss; `baseline_rss_gib` is a process that only imports
+the same modules. The page cache is warm (the checkpoint was just written and
+synced); each side's output is deleted and synced before the next.
 
-    .venv/bin/python benchmarks/consolidate.py [--sizes-gb 1,4] [--repeats 1] [--workdir DIR]
+    python benchmarks/consolidate.py [--sizes-gb 2,4] [--repeats 3] [--workdir DIR] [--no-torch]
 
 Prints one JSON document. Deletes everything it wrote.
 """
@@ -129,25 +135,20 @@ def worker(tool: str, src: str, out: str) -> None:
     import warnings
 
     import torch  # noqa: F401 - imported by both tools; part of the baseline
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     from cosmos_train.export.consolidate import consolidate
 
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
-    if tool == "torch" and out.endswith(".pt"):
+    if tool == "torch":
         dcp_to_torch_save(src, out)
-    elif tool == "torch":
-        from safetensors.torch import save_file
-
-        sd: dict = {}
-        _load_state_dict(sd, storage_reader=FileSystemReader(src), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-        save_file(sd, out)
     elif tool == "ours":
         consolidate(src, out, progress=False)
+    elif tool == "ours_crc":
+        consolidate(src, out, progress=False, verify_source=True)
+    elif tool == "ours_bf16":
+        consolidate(src, out, progress=False, dtype="bf16")
     elif tool != "baseline":
         raise ValueError(tool)
     seconds = time.perf_counter() - t0
@@ -156,26 +157,137 @@ def worker(tool: str, src: str, out: str) -> None:
 
 
 def run_fresh(tool: str, src: Path, out: Path) -> dict:
-    t0 = time.perf_counter()
     res = subprocess.run([sys.executable, __file__, "--worker", tool, str(src), str(out)], cwd=REPO,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    process_seconds = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"{tool} -> {out.name} failed:\n{res.stderr[-3000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])
     size = out.stat().st_size if out.exists() else 0
-    if out.exists():
-        out.unlink()
+    _remove(out)
+    return {"seconds": r["seconds"], "peak_rss_gib": r["peak_rss_bytes"] / 2**30, "output_bytes": size}
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
     os.sync()  # flush this run's dirty pages so they do not slow the next one
-    return {"seconds": round(r["seconds"], 2), "process_seconds": round(process_seconds, 2),
-            "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3), "output_bytes": size}
+
+
+def _files(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file())
+
+
+def cp_fsync(src: Path, dst: Path) -> dict:
+    """`cp -r` + fsync of every copied file: the physical limit of a consolidation without a dtype change."""
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    for f in _files(dst):
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    _remove(dst)
+    return {"seconds": seconds}
+
+
+def read_all(src: Path) -> dict:
+    """Read every file of the checkpoint once, 16 MiB at a time, into one reused buffer."""
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    n = 0
+    t0 = time.perf_counter()
+    for f in _files(src):
+        with open(f, "rb", buffering=0) as fh:
+            while k := fh.readinto(view):
+                n += k
+    return {"seconds": time.perf_counter() - t0, "bytes": n}
+
+
+def write_bytes(dst: Path, nbytes: int) -> dict:
+    """Write `nbytes` (random, 16 MiB at a time) to a new file and fsync it."""
+    block = os.urandom(16 << 20)
+    t0 = time.perf_counter()
+    with open(dst, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(memoryview(block)[:min(left, len(block))])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    _remove(dst)
+    return {"seconds": seconds}
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline_rss: float,
+               only: list[str] | None = None) -> dict:
+    n_blocks = blocks_for(size)
+    shapes = dit_like_shapes(n_blocks)
+    ckpt = work / f"ckpt_{size:g}gb"
+    t0 = time.perf_counter()
+    save_checkpoint(ckpt, n_blocks)
+    os.sync()
+    save_s = time.perf_counter() - t0
+    model_bytes = _nbytes(shapes)
+    largest = max(_nbytes([s]) for s in shapes)
+    shard_bytes = sum(f.stat().st_size for f in _files(ckpt))
+    bf16_bytes = model_bytes // 2  # every fp32 tensor halves (the two int64 scalars are noise)
+    sides = {
+        "cp": lambda: cp_fsync(ckpt, work / "cp_copy"),
+        "read": lambda: read_all(ckpt),
+        "write_half": lambda: write_bytes(work / "half.bin", bf16_bytes),
+        "ours_pt": lambda: run_fresh("ours", ckpt, work / "out.pt"),
+        "ours_st": lambda: run_fresh("ours", ckpt, work / "out.safetensors"),
+        "ours_pt_crc": lambda: run_fresh("ours_crc", ckpt, work / "out.pt"),
+        "ours_bf16_st": lambda: run_fresh("ours_bf16", ckpt, work / "out_bf16.safetensors"),
+    }
+    names = [k for k in sides if only is None or k in only]
+    runs: dict[str, list[dict]] = {k: [] for k in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            runs[k].append(sides[k]())
+    pairs = {"pt_over_cp": (["ours_pt"], ["cp"]), "st_over_cp": (["ours_st"], ["cp"]),
+             "pt_crc_over_cp": (["ours_pt_crc"], ["cp"]), "read_over_cp": (["read"], ["cp"]),
+             "bf16_over_read_plus_write": (["ours_bf16_st"], ["read", "write_half"])}
+    ratios = {name: [sum(runs[k][i]["seconds"] for k in num) / sum(runs[k][i]["seconds"] for k in den)
+                     for i in range(repeats)]
+              for name, (num, den) in pairs.items() if all(k in runs for k in num + den)}
+    out = {
+        "size_gb": round(model_bytes / 1e9, 3), "shard_bytes_gb": round(shard_bytes / 1e9, 3), "tensors": len(shapes),
+        "blocks": n_blocks, "largest_tensor_mib": round(largest / 2**20, 1), "checkpoint_save_s": round(save_s, 1),
+        "median_seconds": {k: round(_median([x["seconds"] for x in v]), 3) for k, v in runs.items()},
+        "all_seconds": {k: [round(x["seconds"], 3) for x in v] for k, v in runs.items()},
+        "median_ratio": {k: round(_median(v), 3) for k, v in ratios.items()},
+        "all_ratios": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
+        "peak_rss_above_baseline_over_largest_tensor": {
+            k: round(max(x["peak_rss_gib"] for x in runs[k]) * 2**30 / largest - baseline_rss * 2**30 / largest, 2)
+            for k in names if k.startswith("ours")},
+        "peak_rss_gib": {k: round(max(x["peak_rss_gib"] for x in runs[k]), 3) for k in names if k.startswith("ours")},
+    }
+    if with_torch:
+        t = run_fresh("torch", ckpt, work / "torch.pt")
+        out["torch_dcp_to_torch_save"] = {"seconds": round(t["seconds"], 3),
+                                          "peak_rss_gib": round(t["peak_rss_gib"], 3)}
+        if "ours_pt" in out["median_seconds"]:
+            out["ours_pt_over_torch"] = round(out["median_seconds"]["ours_pt"] / t["seconds"], 3)
+    _remove(ckpt)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes-gb", default="1,4", help="checkpoint sizes in GB (10^9 bytes), comma separated")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per (tool, format); the fastest is kept")
+    ap.add_argument("--sizes-gb", default="2,4", help="checkpoint sizes in GB (10^9 bytes), comma separated")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     ap.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp dir)")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch's dcp_to_torch_save")
+    ap.add_argument("--only", default=None, help="comma-separated sides to run (default: all), e.g. cp,ours_pt")
     ap.add_argument("--worker", nargs=3, metavar=("TOOL", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -192,40 +304,16 @@ def main() -> None:
     try:
         baseline = run_fresh("baseline", work, work / "none")
         for size in sizes:
-            n_blocks = blocks_for(size)
-            shapes = dit_like_shapes(n_blocks)
-            ckpt = work / f"ckpt_{size:g}gb"
-            t0 = time.perf_counter()
-            save_checkpoint(ckpt, n_blocks)
-            os.sync()
-            save_s = time.perf_counter() - t0
-            model_bytes = _nbytes(shapes)
-            largest = max(_nbytes([s]) for s in shapes)
-            for fmt in ("pt", "safetensors"):
-                runs = {}
-                for tool in ("torch", "ours"):
-                    tries = [run_fresh(tool, ckpt, work / f"out_{tool}.{fmt}") for _ in range(args.repeats)]
-                    runs[tool] = min(tries, key=lambda r: r["seconds"])
-                t, o = runs["torch"], runs["ours"]
-                results.append({
-                    "size_gb": round(model_bytes / 1e9, 3), "tensors": len(shapes), "blocks": n_blocks,
-                    "largest_tensor_mib": round(largest / 2**20, 1), "format": fmt, "checkpoint_save_s": round(save_s, 1),
-                    "torch": t, "ours": o,
-                    "time_ratio": round(o["seconds"] / t["seconds"], 3),
-                    "process_time_ratio": round(o["process_seconds"] / t["process_seconds"], 3),
-                    "rss_ratio": round(o["peak_rss_gib"] / t["peak_rss_gib"], 3),
-                    "ours_rss_above_baseline_over_model": round(
-                        (o["peak_rss_gib"] - baseline["peak_rss_gib"]) * 2**30 / model_bytes, 3),
-                })
-            shutil.rmtree(ckpt)
+            results.append(bench_size(work, size, args.repeats, not args.no_torch, baseline["peak_rss_gib"],
+                                      args.only.split(",") if args.only else None))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({
         "benchmark": "consolidate",
-        "baseline_name": "torch dcp_to_torch_save (.pt) / full DCP load + safetensors.save_file (.safetensors)",
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_at_end": os.getloadavg()},
         "torch": __import__("torch").__version__,
-        "baseline_rss_gib": baseline["peak_rss_gib"],
+        "baseline_rss_gib": round(baseline["peak_rss_gib"], 3),
         "repeats": args.repeats,
         "results": results,
     }, indent=2))

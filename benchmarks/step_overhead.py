@@ -57,6 +57,7 @@ from cosmos_train.data.loader import build_dataloader, dataset_dirs  # noqa: E40
 from cosmos_train.models.diffusion import training_loss  # noqa: E402
 from cosmos_train.models.dit import DiT  # noqa: E402
 from cosmos_train.models.tokenizer import build_tokenizer  # noqa: E402
+from cosmos_train.runtime.memory import peak_rss_bytes  # noqa: E402
 from cosmos_train.spec import ExperimentSpec, load_spec  # noqa: E402
 from cosmos_train.train import train  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
@@ -74,7 +75,7 @@ def _rss_kib() -> int:
 
 
 def _maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return peak_rss_bytes() // 1024
 
 
 def _spec(output_root: Path, name: str, steps: int) -> ExperimentSpec:

@@ -11,14 +11,28 @@ from torch.optim.lr_scheduler import LambdaLR
 from cosmos_train.spec import OptimizerSpec, SchedulerSpec
 
 
-def build_optimizer(opt: OptimizerSpec, params, *, device_type: str) -> torch.optim.AdamW:
-    """AdamW over the trainable params; fused when asked, or on CUDA with `fused = "auto"`."""
+def build_optimizer(opt: OptimizerSpec, params) -> torch.optim.AdamW:
+    """AdamW over the trainable params; torch's fused kernel (CPU and CUDA) unless `fused = "off"`."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check model.train_architecture and LoRA targets")
-    fused = opt.fused == "on" or (opt.fused == "auto" and device_type == "cuda")
     return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                             weight_decay=opt.weight_decay, fused=fused or None)
+                             weight_decay=opt.weight_decay, fused=opt.fused != "off" or None)
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+    """`optimizer.step()`, skipped when `grad_norm` (the global norm, same on every rank) is not finite.
+
+    Fused AdamW takes the decision on the device (`found_inf`, the hook torch's GradScaler uses):
+    no host sync, and the skipped step leaves parameters, moments and step count untouched. An
+    unfused optimizer has no such hook, so the check there costs one host sync.
+    """
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf.to(grad_norm.device)
+        optimizer.step()
+    elif not found_inf.item():
+        optimizer.step()
 
 
 class LambdaLinear:

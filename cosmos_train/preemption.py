@@ -1,12 +1,14 @@
-"""SIGTERM / SIGINT: finish the current step, save, exit cleanly; a second signal aborts."""
+"""SIGTERM / SIGINT: finish the step, save, exit cleanly; a second signal aborts.
+
+The handler only sets `requested`. Ranks agree on it without a collective of their own: the
+trainer adds the flag to the reduction it already does every `trainer.signal_check_iter` /
+`logging_iter` steps, so all ranks stop at the same step.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
-
-import torch
-import torch.distributed as dist
 
 from cosmos_train.runtime.distributed import log
 
@@ -38,10 +40,3 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled (all ranks stop at the same step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

@@ -1,4 +1,12 @@
-"""The run directory: where the resolved spec lives, and the check that a resume keeps the architecture."""
+"""The run directory: what lives where, the resolved spec in it, and the check that a resume keeps
+the architecture.
+
+    {output_root}/{project}/{group}/{name}/     `ExperimentSpec.run_dir()`
+      spec.toml                                 SPEC_FILE, the resolved spec (`write_spec`)
+      checkpoints/                              `checkpoint.layout`
+      logs/metrics.jsonl                        `logs_dir`, `train_log.METRICS_FILE`
+    {output_root}/.cache/                       `data_cache_dir`: generated synthetic data, shared by runs
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,19 @@ from cosmos_train.errors import CosmosTrainError, SpecError
 from cosmos_train.spec import ExperimentSpec, load_spec
 
 SPEC_FILE = "spec.toml"
+LOGS_DIR = "logs"
+DATA_CACHE_DIR = ".cache"
+
+
+def logs_dir(run_dir: Path) -> Path:
+    """Where a run's metrics (and W&B's offline files) go."""
+    return Path(run_dir) / LOGS_DIR
+
+
+def data_cache_dir(spec: ExperimentSpec) -> Path:
+    """Where synthetic data without `data.dataset_dir` is generated: under the output root, so runs
+    share it whatever the depth of their run dir (and `resume RUN_DIR` finds the same data)."""
+    return spec.output_root() / DATA_CACHE_DIR
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,7 +17,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cosmos_train.errors import SpecError
-from cosmos_train.models.presets import PRESETS, DiTConfig
+from cosmos_train.presets import PRESETS, DiTConfig
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj", "mlp.layer1", "mlp.layer2"]
 OUTPUT_ROOT_ENV = "COSMOS_TRAIN_OUTPUT_ROOT"
@@ -197,7 +197,8 @@ class OptimizerSpec(_Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    fused: Literal["auto", "on", "off"] = Field("auto", description="Fused AdamW: auto = on when on CUDA.")
+    fused: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused AdamW: auto = on (CPU and CUDA); it skips a non-finite step without a host sync.")
 
     @field_validator("betas")
     @classmethod
@@ -239,7 +240,9 @@ class SchedulerSpec(_Section):
 # ----------------------------------------------------------------------- trainer
 class TrainerSpec(_Section):
     max_iter: int = Field(1000, gt=0, description="Optimizer steps of the run.")
-    logging_iter: int = Field(10, gt=0, description="Log every this many steps.")
+    logging_iter: int = Field(10, gt=0, description="Log every this many steps (losses are reduced only then).")
+    signal_check_iter: int = Field(
+        10, gt=0, description="Ranks agree on a SIGTERM/SIGINT every this many steps (and at logging steps).")
     grad_accum_iter: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
     validation_iter: int = Field(0, ge=0, description="Validation loss every this many steps (0 = off).")
@@ -350,11 +353,14 @@ class ExperimentSpec(_Section):
                                  f"patch_spatial = {f} (got {list(self.data.video_size)})")
         return self
 
-    def run_dir(self, env: dict[str, str] | None = None) -> Path:
-        """`{output_root}/{project}/{group}/{name}`; output_root from the spec, env, or ./outputs."""
+    def output_root(self, env: dict[str, str] | None = None) -> Path:
+        """`job.output_root`, else `$COSMOS_TRAIN_OUTPUT_ROOT` (from `env`, default os.environ), else ./outputs."""
         env = os.environ if env is None else env
-        root = self.job.output_root or env.get(OUTPUT_ROOT_ENV) or "outputs"
-        return Path(root) / self.job.project / self.job.group / self.job.name
+        return Path(self.job.output_root or env.get(OUTPUT_ROOT_ENV) or "outputs")
+
+    def run_dir(self, env: dict[str, str] | None = None) -> Path:
+        """`{output_root}/{project}/{group}/{name}` (see `cosmos_train.run_dir` for what is inside)."""
+        return self.output_root(env) / self.job.project / self.job.group / self.job.name
 
     def to_toml(self) -> str:
         """The resolved spec as TOML; `load_spec_text` of it gives back an equal spec."""

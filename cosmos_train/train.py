@@ -1,8 +1,14 @@
-"""The training loop: build everything from the spec, then step, log, validate and save.
+"""The training loop: a `Trainer` built from the spec that owns the loop state; `train` runs it.
 
 Build order: process group and mesh -> DiT on the meta device -> LoRA -> cp / activation
-checkpointing / FSDP2 (materialised shard by shard) -> EMA -> optimizer and scheduler ->
-data -> checkpoint resume (or `load_path`) -> loop.
+checkpointing / FSDP2 (materialised shard by shard, `models/parallelize.py`) -> EMA ->
+optimizer and scheduler -> data -> checkpoint resume (or `load_path`) -> loop.
+
+No host sync in a step: the loss and the gradient norm stay device tensors; the non-finite
+check skips the optimizer step on the device (`optim.step_unless_nonfinite`). Every
+`trainer.logging_iter` and `trainer.signal_check_iter` steps (a "sync step") the window's
+losses and this rank's signal flag go to the host in one all-reduce; that is where losses are
+logged and ranks agree to stop after a SIGTERM.
 
 Context parallelism: every cp rank of one data-parallel group sees the same clip and
 noise, computes the same full loss (the DiT gathers its output), and back-propagates
@@ -12,8 +18,6 @@ is multiplied by cp to turn that average back into a sum over the cp shards.
 
 from __future__ import annotations
 
-import math
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +33,17 @@ from cosmos_train.data.loader import build_dataloader
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.models.diffusion import training_loss
 from cosmos_train.models.ema import PowerEMA
+from cosmos_train.models.parallelize import build_dit, parallelize_dit
 from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.nonfinite import NonFiniteGuard
-from cosmos_train.optim import apply_optimizer_spec, build_optimizer, build_scheduler
+from cosmos_train.optim import apply_optimizer_spec, build_optimizer, build_scheduler, step_unless_nonfinite
 from cosmos_train.preemption import Preemption
-from cosmos_train.run_dir import prepare_run_dir
+from cosmos_train.run_dir import SPEC_FILE, data_cache_dir, prepare_run_dir
 from cosmos_train.run_lock import RunLock
-from cosmos_train.runtime.distributed import configure_logging, distributed, log
-from cosmos_train.runtime.fsdp import clip_grad_norm, set_gradient_sync
+from cosmos_train.runtime.distributed import configure_logging, distributed, log, warn, world_size
+from cosmos_train.runtime.fsdp import clip_grad_norm, mixed_precision_dtypes, set_gradient_sync
+from cosmos_train.runtime.memory import peak_memory_gb
 from cosmos_train.runtime.mesh import ParallelDims, build_parallel_dims
-from cosmos_train.runtime.parallelize import build_dit, parallelize
 from cosmos_train.spec import ExperimentSpec
 from cosmos_train.train_log import TrainLog
 
@@ -52,22 +57,17 @@ class TrainResult:
     end_step: int
     losses: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)
-    step_seconds: dict[int, float] = field(default_factory=dict)  # wall time of each step, saves excluded
+    # Host time of each step, saves excluded. On a GPU the step is not synchronised, so this is
+    # the time to enqueue it; the logged iter_per_s (measured across a sync) is the real rate.
+    step_seconds: dict[int, float] = field(default_factory=dict)
     preempted: bool = False
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().double().cpu().reshape(1).clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value.item()
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a float64 vector over all ranks (one all-reduce; none in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(values)
+    return values
 
 
 def _sync_generator(generator: torch.Generator, dims: ParallelDims) -> None:
@@ -81,7 +81,7 @@ def _sync_generator(generator: torch.Generator, dims: ParallelDims) -> None:
 
 
 class _Batches:
-    """Endless batches moved to the device: (latent, text embedding, text mask)."""
+    """Endless batches moved to the device: (latent, text embedding)."""
 
     def __init__(self, loader, tokenizer, device: torch.device):
         self.loader, self.tokenizer, self.device = loader, tokenizer, device
@@ -99,21 +99,219 @@ class _Batches:
         return latent, batch["t5_text_embeddings"].to(self.device, non_blocking=True)
 
 
-def _validation_loss(model, val_loader, tokenizer, spec: ExperimentSpec, device, dp_rank: int) -> float:
-    """Mean diffusion loss over the held-out clips at the fixed `trainer.validation_sigmas`."""
-    generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, dp_rank))
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    with torch.no_grad():
-        for batch in val_loader:
-            latent = tokenizer.encode(batch["video"].to(device))
-            emb = batch["t5_text_embeddings"].to(device)
-            for sigma in spec.trainer.validation_sigmas:
-                loss, _ = training_loss(model, latent, emb, None, generator=generator,
-                                        num_condition_frames=spec.model.num_condition_frames, text_dropout=0.0,
-                                        loss_scale=spec.trainer.loss_scale, sigma_override=sigma)
-                total += loss.double().cpu()
-                count += 1
-    return _mean_over_ranks(total / max(count, 1))
+@dataclass
+class _Window:
+    """The steps since the last logging step. Per-step values stay on the device until the next
+    sync step (`pending_*`); the host-side sums cover the synced ones."""
+
+    pending_losses: list[torch.Tensor] = field(default_factory=list)  # this rank's mean loss per step
+    pending_skipped: list[torch.Tensor] = field(default_factory=list)  # 1.0 where the step was skipped
+    steps: int = 0
+    loss_sum: float = 0.0  # dp-mean losses of the synced steps
+    grad_norm: float = float("nan")  # of the last synced step
+    start: float = field(default_factory=time.perf_counter)
+    saves: int = 0  # index into Checkpointer.stats at the window start
+
+
+class Trainer:
+    """Owns the model, optimizer, data, checkpointer and the loop state; `step()` does one step.
+
+    Build it inside a process group (`train` does); `fit()` resumes, loops to
+    `trainer.max_iter` (or a signal), saves and returns a `TrainResult`; `close()` releases
+    the checkpointer.
+    """
+
+    def __init__(self, spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_dir: Path, *,
+                 is_main: bool, show_progress: bool = True):
+        self.spec, self.dims, self.device, self.run_dir = spec, dims, device, run_dir
+        self.is_main, self.show_progress = is_main, show_progress
+        tr, par = spec.trainer, spec.parallel
+        torch.manual_seed(spec.job.seed)
+        lora = spec.model.lora if spec.model.train_architecture == "lora" else None
+        model = build_dit(spec.model.dit_config(), attention=par.attention, device_type=device.type, lora=lora)
+        param_dtype, reduce_dtype = mixed_precision_dtypes(tr.precision, device.type)
+        self.model = parallelize_dit(model, dims, device=device, seed=spec.job.seed, param_dtype=param_dtype,
+                                     reduce_dtype=reduce_dtype, cp_mode=par.cp_mode,
+                                     activation_checkpointing=par.activation_checkpointing,
+                                     reshard_after_forward=par.reshard_after_forward)
+        self.ema = PowerEMA(self.model, s=spec.model.ema.s) if spec.model.ema.enabled else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(spec.optimizer, self.params)
+        self.scheduler = build_scheduler(spec.scheduler, self.optimizer)
+        self.tokenizer = build_tokenizer(spec.model.tokenizer)
+
+        cache_dir = data_cache_dir(spec)
+        self.loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size, seed=spec.job.seed,
+                                       cache_dir=cache_dir, split="train")
+        self.val_loader = None
+        if tr.validation_iter and spec.data.validation_clips:
+            self.val_loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
+                                               seed=spec.job.seed, cache_dir=cache_dir, split="val")
+        self.batches = _Batches(self.loader, self.tokenizer, device)
+        self.generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, dims.dp_rank))
+        self.state = TrainerState(seed=spec.job.seed, generator=self.generator, sampler=self.loader)
+        lora_only = lora is not None and spec.checkpoint.save_adapters_only
+        self.ckpt = Checkpointer(spec.checkpoint, run_dir, model=self.model, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, trainer_state=self.state, ema=self.ema, lora_only=lora_only)
+        self.preemption = Preemption()
+        self.step_count = 0  # optimizer steps done (the checkpoint's step)
+        self.grad_norm = torch.zeros((), device=device)  # of the last step, before clipping
+        self._window = _Window()
+        self._samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
+        self.guard = NonFiniteGuard(tr.max_nonfinite_steps, device)  # read on sync and saving steps only
+
+    # ------------------------------------------------------------------------- one step
+    def step(self) -> None:
+        """One optimizer step (grad accumulation, clip, skip if non-finite, schedule, EMA); no host sync."""
+        tr = self.spec.trainer
+        self.ckpt.check()  # a failed background save raises here, at the next step
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(tr.grad_accum_iter):
+            latent, emb = next(self.batches)
+            if tr.grad_accum_iter > 1:  # reduce only on the last micro-step
+                set_gradient_sync(self.model, micro == tr.grad_accum_iter - 1)
+            # Upstream feeds the zero-padded T5 embedding without a key mask; released weights expect it.
+            loss, _ = training_loss(self.model, latent, emb, None, generator=self.generator,
+                                    num_condition_frames=self.spec.model.num_condition_frames,
+                                    text_dropout=self.spec.data.text_dropout, loss_scale=tr.loss_scale)
+            (loss * (self.dims.cp / tr.grad_accum_iter)).backward()
+            loss_sum += loss.detach()
+        self.guard.update(loss_sum)
+        self.grad_norm = clip_grad_norm(self.params, tr.grad_clip)
+        step_unless_nonfinite(self.optimizer, self.grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.step_count + 1)
+        self.step_count = self.state.step = self.step_count + 1
+        self._window.pending_losses.append(loss_sum / tr.grad_accum_iter)
+        self._window.pending_skipped.append((~torch.isfinite(self.grad_norm)).to(torch.float64))
+        self._window.steps += 1
+
+    # ---------------------------------------------------------------------- sync steps
+    def _is_sync_step(self) -> bool:
+        tr, done = self.spec.trainer, self.step_count
+        return done % tr.logging_iter == 0 or done % tr.signal_check_iter == 0 or done == tr.max_iter
+
+    def _sync(self, result: TrainResult) -> bool:
+        """Bring the pending losses to the host (one all-reduce, one host read) and agree on a
+        signal; returns True when any rank was signalled."""
+        w, world = self._window, world_size()
+        n = len(w.pending_losses)
+        flag = torch.tensor([1.0 if self.preemption.requested else 0.0], dtype=torch.float64, device=self.device)
+        local = torch.cat([torch.stack(w.pending_losses).double(), torch.stack(w.pending_skipped), flag])
+        norm = self.grad_norm.detach().to(self.device, torch.float64).reshape(1)
+        values = torch.cat([_sum_over_ranks(local), norm]).tolist()
+        first = self.step_count - n + 1
+        for i in range(n):
+            result.losses[first + i] = values[i] / world
+        skipped = [first + i for i in range(n) if values[n + i] > 0]
+        if skipped:  # the norm is global, so every rank skipped the same steps
+            warn(f"steps {skipped}: non-finite gradient norm; optimizer step skipped")
+        w.loss_sum += sum(result.losses[first + i] for i in range(n))
+        w.grad_norm = values[-1]
+        w.pending_losses.clear()
+        w.pending_skipped.clear()
+        return values[2 * n] > 0
+
+    def _log(self, tlog: TrainLog, lr: float) -> None:
+        w, done = self._window, self.step_count
+        elapsed = time.perf_counter() - w.start
+        blocked = sum(s.blocking_s for s in self.ckpt.stats[w.saves:])
+        tlog.write(done, {"loss": w.loss_sum / w.steps, "lr": lr, "grad_norm": w.grad_norm,
+                          "iter_per_s": w.steps / elapsed, "samples_per_s": w.steps * self._samples_per_step / elapsed,
+                          "ckpt_blocking_s": blocked, "peak_mem_gb": peak_memory_gb(self.device)})
+        self._window = _Window(saves=len(self.ckpt.stats))
+
+    def validation_loss(self) -> float:
+        """Mean diffusion loss over the held-out clips at the fixed `trainer.validation_sigmas`."""
+        spec = self.spec
+        generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, self.dims.dp_rank))
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        with torch.no_grad():
+            for batch in self.val_loader:
+                latent = self.tokenizer.encode(batch["video"].to(self.device))
+                emb = batch["t5_text_embeddings"].to(self.device)
+                for sigma in spec.trainer.validation_sigmas:
+                    loss, _ = training_loss(self.model, latent, emb, None, generator=generator,
+                                            num_condition_frames=spec.model.num_condition_frames, text_dropout=0.0,
+                                            loss_scale=spec.trainer.loss_scale, sigma_override=sigma)
+                    total += loss.double()
+                    count += 1
+        return _sum_over_ranks((total / max(count, 1)).reshape(1)).item() / world_size()
+
+    # ----------------------------------------------------------------------------- save
+    def save(self, *, force: bool = False) -> bool:
+        """Checkpoint the current step (every `checkpoint.save_iter` steps, or now with `force`).
+
+        A run whose loss was NaN/inf for `trainer.max_nonfinite_steps` steps stops here instead.
+        """
+        if force or self.step_count % self.spec.checkpoint.save_iter == 0:
+            self.guard.check(self.step_count)
+        return self.ckpt.save(self.step_count, force=force)
+
+    # -------------------------------------------------------------------------- the loop
+    def fit(self, *, require_checkpoint: bool = False) -> TrainResult:
+        """Resume (or initialise), step to `trainer.max_iter` or a signal, save; what happened."""
+        tr = self.spec.trainer
+        start = self.step_count = self.ckpt.resume_or_initialize()
+        if require_checkpoint and start == 0:
+            raise CosmosTrainError(f"{self.run_dir}: no committed checkpoint to resume from "
+                                   f"(start it with `cosmos-train run {self.run_dir / SPEC_FILE}`)")
+        if start > 0:  # the spec (with any resume overrides) trains, not the restored hyperparameters
+            for change in apply_optimizer_spec(self.spec.optimizer, self.optimizer, self.scheduler):
+                log(f"resume: {change} (from the spec; the checkpoint had the old value)")
+        _sync_generator(self.generator, self.dims)
+        result = TrainResult(run_dir=self.run_dir, start_step=start, end_step=start)
+        if start >= tr.max_iter:
+            log(f"nothing to do: step {start} >= trainer.max_iter {tr.max_iter}")
+            return result
+        d = self.dims
+        log(f"training steps {start + 1}..{tr.max_iter} in {self.run_dir} "
+            f"(dp={d.dp_size}, cp={d.cp}, world={d.world_size}, device={self.device.type})")
+        tlog = TrainLog(self.spec, self.run_dir, enabled=self.is_main, start_step=start,
+                        show_progress=self.show_progress)
+        self._window = _Window(saves=len(self.ckpt.stats))
+        try:
+            with self.preemption:
+                self._loop(tlog, result)
+        finally:
+            tlog.close()
+        self.save(force=True)
+        self.ckpt.wait()
+        return result
+
+    def _loop(self, tlog: TrainLog, result: TrainResult) -> None:
+        tr = self.spec.trainer
+        while self.step_count < tr.max_iter:
+            step_start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+            self.step()
+            done = result.end_step = self.step_count
+            result.step_seconds[done] = time.perf_counter() - step_start
+            stop = False
+            if self._is_sync_step():
+                self.guard.check(done)  # a diverged run stops at its next sync step
+                stop = self._sync(result)
+                tlog.step(done, f"loss {result.losses[done]:.4f}")
+                if done % tr.logging_iter == 0 or done == tr.max_iter or stop:
+                    self._log(tlog, lr)
+            else:
+                tlog.step(done)
+            if self.val_loader is not None and done % tr.validation_iter == 0:
+                val = result.val_losses[done] = self.validation_loss()
+                tlog.write(done, {"loss": val, "sigmas": len(tr.validation_sigmas)}, kind="val")
+            if stop:
+                self.save(force=True)
+                result.preempted = True
+                log(f"stopped at step {done} after a signal; resume with `cosmos-train resume {self.run_dir}`")
+                return
+            self.save()
+
+    def close(self) -> None:
+        """Release the checkpointer (waits for a background save)."""
+        self.ckpt.close()
 
 
 def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_checkpoint: bool = False,
@@ -139,124 +337,10 @@ def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_ch
         if problem is not None:
             raise problem
         try:
-            return _train(spec, dims, info.device, run_dir, require_checkpoint=require_checkpoint,
-                          is_main=info.is_main, show_progress=show_progress)
+            trainer = Trainer(spec, dims, info.device, run_dir, is_main=info.is_main, show_progress=show_progress)
+            try:
+                return trainer.fit(require_checkpoint=require_checkpoint)
+            finally:
+                trainer.close()
         finally:
             lock.release()
-
-
-def _train(spec: ExperimentSpec, dims: ParallelDims, device: torch.device, run_dir: Path, *,
-           require_checkpoint: bool, is_main: bool, show_progress: bool) -> TrainResult:
-    tr = spec.trainer
-    torch.manual_seed(spec.job.seed)
-    model = parallelize(build_dit(spec, device_type=device.type), spec, dims, device=device)
-    ema = PowerEMA(model, s=spec.model.ema.s) if spec.model.ema.enabled else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(spec.optimizer, params, device_type=device.type)
-    scheduler = build_scheduler(spec.scheduler, optimizer)
-    tokenizer = build_tokenizer(spec.model.tokenizer)
-
-    cache_dir = run_dir.parent.parent.parent / ".cache"
-    loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size, seed=spec.job.seed,
-                              cache_dir=cache_dir, split="train")
-    val_loader = None
-    if tr.validation_iter and spec.data.validation_clips:
-        val_loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
-                                      seed=spec.job.seed, cache_dir=cache_dir, split="val")
-    generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, dims.dp_rank))
-    state = TrainerState(seed=spec.job.seed, generator=generator, sampler=loader)
-    lora_only = spec.model.train_architecture == "lora" and spec.checkpoint.save_adapters_only
-    ckpt = Checkpointer(spec.checkpoint, run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state=state, ema=ema, lora_only=lora_only)
-    try:
-        start = ckpt.resume_or_initialize()
-        if require_checkpoint and start == 0:
-            raise CosmosTrainError(f"{run_dir}: no committed checkpoint to resume from "
-                                   f"(start it with `cosmos-train run {run_dir / 'spec.toml'}`)")
-        if start > 0:  # the spec (with any resume overrides) trains, not the restored hyperparameters
-            for change in apply_optimizer_spec(spec.optimizer, optimizer, scheduler):
-                log(f"resume: {change} (from the spec; the checkpoint had the old value)")
-        _sync_generator(generator, dims)
-        result = TrainResult(run_dir=run_dir, start_step=start, end_step=start)
-        if start >= tr.max_iter:
-            log(f"nothing to do: step {start} >= trainer.max_iter {tr.max_iter}")
-            return result
-        log(f"training steps {start + 1}..{tr.max_iter} in {run_dir} "
-            f"(dp={dims.dp_size}, cp={dims.cp}, world={dims.world_size}, device={device.type})")
-        tlog = TrainLog(spec, run_dir, enabled=is_main, start_step=start, show_progress=show_progress)
-        try:
-            with Preemption() as preemption:
-                _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenizer, loader, val_loader,
-                      generator, state, ckpt, tlog, preemption, result)
-        finally:
-            tlog.close()
-        ckpt.save(result.end_step, force=True)
-        ckpt.wait()
-        return result
-    finally:
-        ckpt.close()
-
-
-def _loop(spec, dims, device, model, ema, params, optimizer, scheduler, tokenizer, loader, val_loader,
-          generator, state, ckpt, tlog, preemption, result: TrainResult) -> None:
-    tr = spec.trainer
-    batches = _Batches(loader, tokenizer, device)
-    samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
-    window_loss, window_start, window_steps, window_saves = 0.0, time.perf_counter(), 0, len(ckpt.stats)
-    guard = NonFiniteGuard(tr.max_nonfinite_steps, device)
-    for step in range(result.start_step, tr.max_iter):
-        ckpt.check()  # a failed background save raises here, at the next step
-        step_start = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(tr.grad_accum_iter):
-            latent, emb = next(batches)
-            if tr.grad_accum_iter > 1:  # reduce only on the last micro-step
-                set_gradient_sync(model, micro == tr.grad_accum_iter - 1)
-            # Upstream feeds the zero-padded T5 embedding without a key mask; released weights expect it.
-            loss, _ = training_loss(model, latent, emb, None, generator=generator,
-                                    num_condition_frames=spec.model.num_condition_frames, text_dropout=spec.data.text_dropout,
-                                    loss_scale=tr.loss_scale)
-            (loss * (dims.cp / tr.grad_accum_iter)).backward()
-            loss_sum += loss.detach()
-        guard.update(loss_sum)
-        grad_norm = clip_grad_norm(params, tr.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        if math.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            log(f"step {step + 1}: non-finite gradient norm ({grad_norm}); optimizer step skipped")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ema is not None:
-            ema.update(model, step + 1)
-        done = step + 1
-        state.step = result.end_step = done
-        loss_value = _mean_over_ranks(loss_sum / tr.grad_accum_iter)
-        result.losses[done] = loss_value
-        result.step_seconds[done] = time.perf_counter() - step_start
-        window_loss, window_steps = window_loss + loss_value, window_steps + 1
-        tlog.step(done, f"loss {loss_value:.4f}")
-
-        saving = done % spec.checkpoint.save_iter == 0 or done == tr.max_iter
-        if done % tr.logging_iter == 0 or saving:
-            guard.check(done)  # never save (or go on logging) a diverged run
-        if done % tr.logging_iter == 0 or done == tr.max_iter:
-            elapsed = time.perf_counter() - window_start
-            blocked = sum(s.blocking_s for s in ckpt.stats[window_saves:])
-            tlog.write(done, {"loss": window_loss / window_steps, "lr": lr, "grad_norm": grad_norm,
-                              "iter_per_s": window_steps / elapsed,
-                              "samples_per_s": window_steps * samples_per_step / elapsed,
-                              "ckpt_blocking_s": blocked, "peak_mem_gb": _peak_memory_gb(device)})
-            window_loss, window_start, window_steps, window_saves = 0.0, time.perf_counter(), 0, len(ckpt.stats)
-        if val_loader is not None and done % tr.validation_iter == 0:
-            val = _validation_loss(model, val_loader, tokenizer, spec, device, dims.dp_rank)
-            result.val_losses[done] = val
-            tlog.write(done, {"loss": val, "sigmas": len(tr.validation_sigmas)}, kind="val")
-        if preemption.agreed(device):
-            guard.check(done)
-            ckpt.save(done, force=True)
-            result.preempted = True
-            log(f"stopped at step {done} after a signal; resume with `cosmos-train resume {result.run_dir}`")
-            return
-        ckpt.save(done)

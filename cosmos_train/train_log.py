@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cosmos_train.errors import CosmosTrainError
+from cosmos_train.run_dir import logs_dir
 from cosmos_train.runtime.distributed import log
 from cosmos_train.spec import ExperimentSpec
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def _start_wandb(spec: ExperimentSpec, run_dir: Path, *, resume_step: int):
+def _start_wandb(spec: ExperimentSpec, run_dir: Path):
     mode = spec.job.wandb_mode
     if mode == "disabled":
         return None
@@ -41,9 +42,9 @@ class TrainLog:
         self._file = self._wandb = self._progress = None
         if not enabled:
             return
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "logs" / METRICS_FILE, "a")
-        self._wandb = _start_wandb(spec, run_dir, resume_step=start_step)
+        logs_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        self._file = open(logs_dir(run_dir) / METRICS_FILE, "a")
+        self._wandb = _start_wandb(spec, run_dir)
         if show_progress and Console().is_terminal:  # piped output gets plain log lines instead
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -51,9 +52,11 @@ class TrainLog:
             self._task = self._progress.add_task("train", total=self.max_iter, completed=start_step, status="")
             self._progress.start()
 
-    def step(self, step: int, status: str = "") -> None:
+    def step(self, step: int, status: str | None = None) -> None:
+        """Advance the progress bar; `status` (e.g. the loss) replaces the shown text when given."""
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, status=status)
+            fields = {} if status is None else {"status": status}
+            self._progress.update(self._task, completed=step, **fields)
 
     def write(self, step: int, metrics: dict[str, Any], *, kind: str = "train") -> None:
         """Append one record (JSONL + W&B) and print a line."""

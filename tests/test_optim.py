@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cosmos_train.optim import LambdaLinear, build_optimizer, build_scheduler
+from cosmos_train.optim import LambdaLinear, build_optimizer, build_scheduler, step_unless_nonfinite
 from cosmos_train.spec import OptimizerSpec, SchedulerSpec
 
 
@@ -25,7 +25,7 @@ def test_upstream_lora_schedule_decays_to_zero():
 
 def test_scheduler_multiplies_base_lr_and_only_trainable_params_are_optimised():
     frozen, trained = torch.nn.Parameter(torch.ones(2), requires_grad=False), torch.nn.Parameter(torch.ones(2))
-    opt = build_optimizer(OptimizerSpec(lr=0.5), [frozen, trained], device_type="cpu")
+    opt = build_optimizer(OptimizerSpec(lr=0.5), [frozen, trained])
     assert opt.param_groups[0]["params"] == [trained]
     sch = build_scheduler(SchedulerSpec(warm_up_steps=[4], cycle_lengths=[8], f_start=[0.0],
                                         f_max=[1.0], f_min=[0.0]), opt)
@@ -39,23 +39,39 @@ def test_scheduler_multiplies_base_lr_and_only_trainable_params_are_optimised():
 
 def test_no_trainable_params_is_a_clear_error():
     with pytest.raises(ValueError, match="no trainable parameters"):
-        build_optimizer(OptimizerSpec(), [torch.nn.Parameter(torch.ones(1), requires_grad=False)],
-                        device_type="cpu")
+        build_optimizer(OptimizerSpec(), [torch.nn.Parameter(torch.ones(1), requires_grad=False)])
 
 
 def test_scheduler_state_is_plain_counters_and_round_trips():
     p = torch.nn.Parameter(torch.ones(1))
     spec = SchedulerSpec(warm_up_steps=[4], cycle_lengths=[8], f_start=[0.0], f_max=[1.0], f_min=[0.0])
-    opt = build_optimizer(OptimizerSpec(lr=1.0), [p], device_type="cpu")
+    opt = build_optimizer(OptimizerSpec(lr=1.0), [p])
     sch = build_scheduler(spec, opt)
     for _ in range(3):
         opt.step()
         sch.step()
     state = sch.state_dict()
     assert "lr_lambdas" not in state and state["last_epoch"] == 3
-    opt2 = build_optimizer(OptimizerSpec(lr=1.0), [torch.nn.Parameter(torch.ones(1))], device_type="cpu")
+    opt2 = build_optimizer(OptimizerSpec(lr=1.0), [torch.nn.Parameter(torch.ones(1))])
     sch2 = build_scheduler(spec, opt2)
     sch2.load_state_dict(state)
     opt2.step()
     sch2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(1.0)  # step 4: end of warm-up
+
+
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_nonfinite_step_is_skipped_and_fused_needs_no_host_read(fused, monkeypatch):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(OptimizerSpec(lr=0.1, fused=fused), [p])
+    p.grad = torch.ones(3)
+    step_unless_nonfinite(opt, torch.tensor(1.0))
+    after_one = p.detach().clone()
+    assert not torch.equal(after_one, torch.ones(3))
+    reads = []
+    if fused == "on":  # the decision stays on the device
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(self) or 0)
+    p.grad = torch.full((3,), float("nan"))
+    step_unless_nonfinite(opt, torch.tensor(float("nan")))
+    monkeypatch.undo()
+    assert torch.equal(p.detach(), after_one) and float(opt.state[p]["step"]) == 1.0 and not reads

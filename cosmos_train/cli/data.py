@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from cosmos_train.cli.common import console, err_console, handle_errors
-from cosmos_train.data import check as check_lib
-from cosmos_train.data import embeddings as embeddings_lib
+
+if TYPE_CHECKING:  # the data modules import torch, PyAV and zarr: only when a command runs
+    from cosmos_train.data.check import DatasetReport
 
 app = typer.Typer(name="data", help="Inspect and prepare datasets (upstream layout).", no_args_is_help=True)
 
@@ -18,7 +19,7 @@ DatasetArg = Annotated[Path, typer.Argument(help="Dataset directory (metas/, vid
                                             show_default=False)]
 
 
-def _report_table(report: check_lib.DatasetReport) -> Table:
+def _report_table(report: DatasetReport) -> Table:
     table = Table(title=f"dataset {report.root}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -49,7 +50,9 @@ def check(dataset_dir: DatasetArg,
 
     Example: cosmos-train data check datasets/my_clips --num-frames 93 --decode
     """
-    report = check_lib.check_dataset(dataset_dir, num_frames=num_frames, decode=decode)
+    from cosmos_train.data.check import check_dataset
+
+    report = check_dataset(dataset_dir, num_frames=num_frames, decode=decode)
     console.print(_report_table(report))
     for line in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
@@ -70,7 +73,9 @@ def convert_embeddings(
 
     Example: cosmos-train data convert-embeddings datasets/cosmos_nemo_assets
     """
-    report = embeddings_lib.convert_embeddings(dataset_dir, out=out, overwrite=overwrite)
+    from cosmos_train.data.embeddings import convert_embeddings as convert
+
+    report = convert(dataset_dir, out=out, overwrite=overwrite)
     console.print(f"[green]ok[/green] {len(report.converted)} converted, "
                   f"{len(report.skipped_existing)} already present -> {report.store}")
 

@@ -10,8 +10,8 @@ from rich.syntax import Syntax
 
 from cosmos_train.cli.common import OverridesArg, SpecArg, console, handle_errors
 from cosmos_train.errors import CosmosTrainError
-from cosmos_train.run_dir import SPEC_FILE, prepare_run_dir
-from cosmos_train.spec import load_spec
+
+# The spec (pydantic) and the trainer (torch) are imported inside the commands: `--help` stays fast.
 
 
 @handle_errors
@@ -25,6 +25,9 @@ def run(
     Example: cosmos-train run examples/tiny.toml trainer.max_iter=100
     Multi-process: torchrun --nproc_per_node=2 -m cosmos_train run examples/tiny.toml parallel.cp=2 job.name=cp2
     """
+    from cosmos_train.run_dir import SPEC_FILE, prepare_run_dir
+    from cosmos_train.spec import load_spec
+
     resolved = load_spec(spec, overrides or [])
     if dry_run:
         run_dir = prepare_run_dir(resolved)
@@ -45,6 +48,9 @@ def resume(
 
     Example: cosmos-train resume outputs/cosmos_train/examples/tiny trainer.max_iter=120
     """
+    from cosmos_train.run_dir import SPEC_FILE
+    from cosmos_train.spec import load_spec
+
     spec_path = run_dir / SPEC_FILE
     if not spec_path.exists():
         raise CosmosTrainError(f"{spec_path}: not found; RUN_DIR must be a run directory made by `cosmos-train run`")

@@ -8,7 +8,8 @@ import typer
 from rich.syntax import Syntax
 
 from cosmos_train.cli.common import OverridesArg, SpecArg, console, handle_errors
-from cosmos_train.spec import json_schema, load_spec
+
+# cosmos_train.spec (pydantic) is imported inside the commands, so `--help` does not pay for it.
 
 
 @handle_errors
@@ -17,6 +18,8 @@ def validate(spec: SpecArg, overrides: OverridesArg = None) -> None:
 
     Example: cosmos-train validate examples/2b_lora.toml parallel.cp=4
     """
+    from cosmos_train.spec import load_spec
+
     load_spec(spec, overrides or [])
     console.print(f"[green]ok[/green] {spec}")
 
@@ -27,13 +30,12 @@ def show(spec: SpecArg, overrides: OverridesArg = None) -> None:
 
     Example: cosmos-train show examples/2b_lora.toml parallel.cp=4
     """
+    from cosmos_train.models.dit import count_parameters
+    from cosmos_train.spec import load_spec
+
     resolved = load_spec(spec, overrides or [])
     console.print(Syntax(resolved.to_toml(), "toml", theme="ansi_dark", background_color="default"))
     console.print(f"# run directory: {resolved.run_dir()}")
-    try:
-        from cosmos_train.models.dit import count_parameters
-    except ImportError:  # the model layer is optional for `show`
-        return
     total, tensors = count_parameters(resolved.model.dit_config())
     console.print(f"# model: preset {resolved.model.preset}, {total:,} parameters in {tensors} tensors")
 
@@ -51,4 +53,6 @@ def schema(
 
         typer.echo(spec_reference_markdown())
         return
+    from cosmos_train.spec import json_schema
+
     typer.echo(json.dumps(json_schema(), indent=indent))

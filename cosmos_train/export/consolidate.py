@@ -1,13 +1,17 @@
-"""DCP checkpoint -> one `.pt` / `.safetensors` (or a PEFT adapter dir), streamed in bounded memory.
+"""DCP checkpoint -> one `.pt` / `.safetensors` (or a PEFT adapter dir), in bounded memory.
 
 Upstream conversion (`dcp_to_torch_save`) loads the whole model, then pickles it.
-Here the DCP metadata gives every key's dtype and shape, the output's layout is
-written from that, and the tensors are read from the shard files a bounded group
+Here the DCP metadata gives every key's dtype and shape, so the output's layout
+is known before any data is read. A plain export (any dtype, no LoRA merge) is a
+byte-range copy (`copy_export`): every tensor's chunks go from the shard files
+straight to their offsets in the output, file to file through the kernel
+(`copy_file_range`), or through small per-thread buffers when casting; peak
+memory above the interpreter is ~0.1x the largest tensor (~0.8x with a cast).
+LoRA merges and adapter exports are computed: tensors are read a bounded group
 at a time (`_GROUP_BYTES`, or one tensor if larger, into one reused buffer) and
-written straight to the output. Peak memory above the interpreter is that buffer
-plus the chunk DCP is copying in (plus one converted tensor with `dtype`),
-whatever the model size: about 0.15-0.25 GiB for DiT-2B/14B-shaped fp32 tensors
-(largest 64 MiB for 2B; 400 MiB for 14B makes it ~1 GiB).
+written through the streaming writers; about 0.15-0.25 GiB above the interpreter
+for DiT-2B/14B-shaped fp32 tensors (largest 64 MiB for 2B; 400 MiB for 14B makes
+it ~1 GiB).
 
 Keys: the DCP model part holds `net.<fqn>` (regular) and `net_ema.<fqn>` (EMA).
 The default export is `net.*` under `prefix` ("net." like released Cosmos
@@ -32,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.layout import SPEC_FILE, find_run_dir, install, resolve_iteration_dir
+from cosmos_train.checkpoint.layout import (
+    SPEC_FILE, find_run_dir, install, is_committed, read_manifest, resolve_iteration_dir)
 from cosmos_train.disk import disk_full_message, free_bytes, is_disk_full
 from cosmos_train.errors import CheckpointError, CosmosTrainError
-from cosmos_train.export import lora_export
+from cosmos_train.export import copy_export, lora_export
 from cosmos_train.export.dcp_source import DcpSource, group_by_bytes
 from cosmos_train.export.described import SIDECAR_SUFFIX, SPEC_METADATA_KEY, exported_spec_text, sidecar_path
 from cosmos_train.export.keys import REG, select_export
@@ -182,19 +187,13 @@ def _open_writers(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_si
         from cosmos_train.export.pt_io import PtWriter
 
         w = PtWriter(tmp / name, [(e.name, e.dtype, e.shape) for e in entries])
-        moves = [(tmp / name, out)]
-        if spec_text is not None:
-            side = sidecar_path(out)
-            (tmp / side.name).write_text(spec_text)
-            moves.insert(0, (tmp / side.name, side))  # the weights file moves last
-        return w.write, w.close, moves
+        return w.write, w.close, _with_sidecar(tmp, out, [(tmp / name, out)], spec_text)
     if not name.endswith(".safetensors"):
         raise CosmosTrainError(f"{out}: unknown output type; use a .pt, .pth or .safetensors file name")
     try:
         shards = st.plan_shards(entries, st.parse_size(max_shard_size)) if max_shard_size else [entries]
         names = st.shard_file_names(out, len(shards)) if len(shards) > 1 else [name]
-        metadata = {"format": "pt", **({SPEC_METADATA_KEY: spec_text} if spec_text is not None else {})}
-        writers = [st.SafetensorsWriter(tmp / n, s, metadata=metadata)
+        writers = [st.SafetensorsWriter(tmp / n, s, metadata=_st_metadata(spec_text))
                    for s, n in zip(shards, names, strict=True)]
     except ValueError as e:  # a bad --max-shard-size, or a dtype safetensors cannot store
         raise CosmosTrainError(f"{out.name}: {e}") from None
@@ -209,6 +208,20 @@ def _open_writers(tmp: Path, out: Path, entries: list[TensorEntry], max_shard_si
             w.close()
 
     return (lambda k, t: where[k].write(k, t)), close, moves
+
+
+def _st_metadata(spec_text: str | None) -> dict[str, str]:
+    """The safetensors `__metadata__`: torch's format tag, and the model's spec when known."""
+    return {"format": "pt", **({SPEC_METADATA_KEY: spec_text} if spec_text is not None else {})}
+
+
+def _with_sidecar(tmp: Path, out: Path, moves: list[tuple[Path, Path]], spec_text: str | None):
+    """A `.pt` carries its spec in a sidecar `<stem>.spec.toml`, written under `tmp`, moved before the weights."""
+    if spec_text is None or not out.name.endswith((".pt", ".pth")):
+        return moves
+    side = sidecar_path(out)
+    (tmp / side.name).write_text(spec_text)
+    return [(tmp / side.name, side), *moves]  # the weights file moves last
 
 
 def byte_progress(enabled: bool, total: int, description: str):
@@ -271,7 +284,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
                 prefix: str = REG, merge_lora: bool = False, adapter_only: bool = False,
                 lora_rank: int | None = None, lora_alpha: int | None = None,
                 max_shard_size: int | str | None = None, verify: bool = False,
-                progress: bool = True) -> ConsolidateReport:
+                verify_source: bool = False, copy_mode: str = "auto", progress: bool = True) -> ConsolidateReport:
     """Stream the model part of a DCP checkpoint into one consolidated file (or a PEFT adapter dir).
 
     `src` is an iteration dir, a `checkpoints/` dir, a run dir (latest, or
@@ -280,6 +293,11 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
     or is a directory with `adapter_only`; None picks `default_output(...)`.
     LoRA rank/alpha for `merge_lora`/`adapter_only` come from the run's
     `spec.toml` (`model.lora`) unless given.
+
+    Without LoRA merging the tensors are copied file to file (`copy_export`);
+    `verify_source` then reads every byte in user space and checks it against
+    the CRC32 DCP stored with each chunk, in the same pass; `copy_mode` is
+    `range_copy`'s ("auto", "kernel", "buffered").
     """
     t0 = time.perf_counter()
     if both and ema:
@@ -315,22 +333,37 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
     free = free_bytes(out.parent)
     if free is not None and free < total:
         raise CheckpointError(disk_full_message(out, need=total, what="the consolidated weights"))
+    # A committed checkpoint's shards are checked against its MANIFEST.json while they are read
+    # (the copy path then reads in user space, computing CRC32s on the way).
+    check_crcs = read_manifest(it_dir) is not None or is_committed(it_dir)
+    copy_stats = copy_export.CopyExportStats()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        if adapter_only:
-            write, close, moves = lora_export.open_adapter_writer(tmp, out, [it.out for it in items], scale)
-        else:
-            spec_text = exported_spec_text(run_dir / SPEC_FILE, merged=merge_lora) if run_dir else None
-            write, close, moves = _open_writers(tmp, out, [it.out for it in items], max_shard_size, spec_text)
+        spec_text = exported_spec_text(run_dir / SPEC_FILE, merged=merge_lora) if run_dir and not adapter_only \
+            else None
         p, task = byte_progress(progress, total, f"consolidate {it_dir.name}")
-        with p:
-            for it, t in _iter_outputs(reader, items, merge):
-                write(it.out.name, t)
-                p.advance(task, it.out.nbytes)
-        close()
-        reader.check_checksums()  # CRCs taken while reading: damaged shards never become an output
+        if not adapter_only and merge is None:  # a copy, maybe with a cast: straight from file to file
+            with p:
+                moves = copy_export.export(reader, [copy_export.CopyItem(it.out, it.sources[0]) for it in items],
+                                           tmp, out, max_shard_size=max_shard_size,
+                                           verify_source=verify_source or check_crcs, mode=copy_mode,
+                                           progress=lambda n: p.advance(task, n), st_metadata=_st_metadata(spec_text),
+                                           stats=copy_stats)
+            moves = _with_sidecar(tmp, out, moves, spec_text)
+        else:
+            if adapter_only:
+                write, close, moves = lora_export.open_adapter_writer(tmp, out, [it.out for it in items], scale)
+            else:
+                write, close, moves = _open_writers(tmp, out, [it.out for it in items], max_shard_size, spec_text)
+            with p:
+                for it, t in _iter_outputs(reader, items, merge):
+                    write(it.out.name, t)
+                    p.advance(task, it.out.nbytes)
+            close()
+        if check_crcs:  # damaged shards never become an output
+            reader.check_checksums(extra=copy_stats.segments)
         if verify:
             # The index (sharded) or the single weights file is the last thing moved into place.
             written = moves[-1][0] / lora_export.ADAPTER_WEIGHTS if adapter_only else moves[-1][0]

@@ -102,10 +102,10 @@ class DcpSource:
                                   f"{type(inner).__name__}: {first_line} (corrupt shard file?)") from e
         return sd
 
-    def check_checksums(self) -> None:
-        """Compare the CRCs of everything read so far with the iteration's MANIFEST.json (when the
-        directory is a part of one); CorruptCheckpointError naming the file on a mismatch."""
-        check_reads(self.path.parent, self.path.name, [self._reader.segments])
+    def check_checksums(self, extra: dict | None = None) -> None:
+        """Compare the CRCs of everything read so far (plus `extra` runs read by other means, e.g. the
+        copy engine) with the iteration's MANIFEST.json; CorruptCheckpointError naming the file."""
+        check_reads(self.path.parent, self.path.name, [self._reader.segments, extra or {}])
 
     def _find_bad_file(self, keys: set[str]) -> Path | None:
         """Diagnosis after a failed read: the first shard file whose chunk of `keys` does not load."""

@@ -147,6 +147,21 @@ class PtWriter:
         self._file.raise_error()
         self._next += 1
 
+    def reserve_rest(self) -> None:
+        """Lay out every remaining record without its data, to be filled in by byte offset.
+
+        torch's own `write_record_metadata` (what `torch.serialization.skip_data`
+        uses) writes each record's headers and leaves its bytes as a hole; the
+        record's CRC32 stays 0 until the caller patches it (see `copy_export`).
+        """
+        for i in range(self._next, len(self._entries)):
+            _, dtype, shape = self._entries[i]
+            numel = 1
+            for s in shape:
+                numel *= s
+            self._zip.write_record_metadata(f"data/{i}", numel * dtype.itemsize)
+        self._next = len(self._entries)
+
     def close(self) -> None:
         """Finish the archive; every entry must have been written."""
         if self._next != len(self._entries):

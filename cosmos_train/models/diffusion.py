@@ -46,6 +46,10 @@ def rf_scaling(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return 1 - t, -t, 1 - t, t
 
 
+# c_noise of the condition frames, computed once in float32 as the tensors are (no per-step host read).
+_C_NOISE_CONDITION = rf_scaling(torch.tensor(SIGMA_CONDITION))[3].item()
+
+
 def loss_weight(sigma: torch.Tensor) -> torch.Tensor:
     """Per-sigma weight (1 + sigma)^2 / sigma^2 of the x0 MSE."""
     return (1 + sigma) ** 2 / sigma ** 2
@@ -82,7 +86,7 @@ def denoise(net, x_sigma_B_C_T_H_W: torch.Tensor, sigma_B: torch.Tensor, text_em
             raise ValueError("num_condition_frames > 0 needs clean_latent")
         clean = clean_latent[:, :, :num_condition_frames].float()
         net_in[:, :, :num_condition_frames] = clean
-        timesteps_B_T[:, :num_condition_frames] = rf_scaling(torch.tensor(SIGMA_CONDITION))[3].item()
+        timesteps_B_T[:, :num_condition_frames] = _C_NOISE_CONDITION
     out = net(net_in, timesteps_B_T, text_emb_B_N_D, crossattn_mask_B_N=text_mask_B_N,
               condition_mask_B_1_T_H_W=mask).float()
     x0 = c_skip * x + c_out * out

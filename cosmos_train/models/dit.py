@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosmos_train.models.dit_blocks import Block, FinalLayer, PatchEmbed, TimestepEmbedding, Timesteps
-from cosmos_train.models.presets import DiTConfig
+from cosmos_train.presets import DiTConfig
 from cosmos_train.models.rope import VideoRopePosition3DEmb
 
 
@@ -152,6 +152,11 @@ class DiT(nn.Module):
         p, pt, C = self.cfg.patch_spatial, self.cfg.patch_temporal, self.cfg.latent_channels
         x = x_B_T_H_W_M.reshape(B, T, H, W, p, p, pt, C).permute(0, 7, 1, 6, 2, 4, 3, 5)
         return x.reshape(B, C, T * pt, H * p, W * p)
+
+    def self_attention_modules(self) -> list[nn.Module]:
+        """The attention modules over the video tokens (each calls its `attn_op`); context
+        parallelism swaps theirs. Cross-attention to the text is not among them."""
+        return [block.self_attn for block in self.blocks]
 
     # --------------------------------------------------------------------- init
     def init_parameter(self, name: str, shape: tuple[int, ...] | torch.Size,

@@ -17,8 +17,9 @@ weights, so a merged model runs without PEFT. Which keys are LoRA keys is one ru
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -28,7 +29,6 @@ from torch import nn
 
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.models.lora_keys import LORA_KEY, is_lora_key
-from cosmos_train.spec import LoraSpec
 
 ADAPTER_NAME = "default"
 PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
@@ -36,8 +36,22 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def lora_config(lora: LoraSpec) -> LoraConfig:
-    """The PEFT config of a `LoraSpec` (no dropout, no bias, plain alpha / r scaling)."""
+@dataclass(frozen=True)
+class LoraParams:
+    """What an adapter is: rank, alpha, target module suffixes, PEFT init.
+
+    The functions here take any object with these four attributes (the spec's `model.lora`
+    has them), so model code never imports the spec.
+    """
+
+    rank: int
+    alpha: int
+    target_modules: tuple[str, ...]
+    init_lora_weights: bool | Literal["gaussian"] = True
+
+
+def lora_config(lora: LoraParams) -> LoraConfig:
+    """The PEFT config of a `LoraParams` (no dropout, no bias, plain alpha / r scaling)."""
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
                       init_lora_weights=lora.init_lora_weights, lora_dropout=0.0, bias="none")
 
@@ -61,7 +75,7 @@ def _inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     return model
 
 
-def apply_lora(model: nn.Module, lora: LoraSpec, *, seed: int | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraParams, *, seed: int | None = None) -> nn.Module:
     """Inject LoRA adapters (in place) and freeze everything else; returns the model.
 
     With `seed` on a materialised model the adapters are re-initialised through
@@ -92,8 +106,8 @@ def format_lora_summary(total: int, trainable: int, ratio: float) -> str:
 
 
 # ----------------------------------------------------------------- adapter dirs
-def read_adapter_config(adapter_dir: str | Path) -> LoraSpec:
-    """rank / alpha / targets / init of a PEFT adapter dir as a `LoraSpec`."""
+def read_adapter_config(adapter_dir: str | Path) -> LoraParams:
+    """rank / alpha / targets / init of a PEFT adapter dir as a `LoraParams`."""
     path = Path(adapter_dir) / CONFIG_FILE
     try:
         raw = json.loads(path.read_text())
@@ -104,7 +118,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraSpec:
     targets = raw.get("target_modules")
     if isinstance(targets, str):  # PEFT also allows a regex string; a plain comma list is what we write
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraSpec(rank=raw["r"], alpha=raw["lora_alpha"], target_modules=sorted(targets),
+    return LoraParams(rank=raw["r"], alpha=raw["lora_alpha"], target_modules=tuple(sorted(targets)),
                     init_lora_weights=raw.get("init_lora_weights", True))
 
 

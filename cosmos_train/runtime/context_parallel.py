@@ -1,12 +1,13 @@
 """Context parallelism over a cp process group: sequence sharding seam, Ulysses (a2a) attention, and
-`apply_context_parallel`, which wires ring / a2a / hybrid attention into a DiT.
+`apply_context_parallel`, which swaps ring / a2a / hybrid attention into the modules it is handed.
 
 The token sequence is laid out frame-major and each cp rank holds a contiguous block of latent frames
-(cp divides the latent frame count). The DiT calls `model.sequence_sharding.split(t, dim)` on every
+(cp divides the latent frame count). The model calls `model.sequence_sharding.split(t, dim)` on every
 per-frame tensor after patch embedding and `gather(x, dim=1)` after the final layer; between the two,
-each block's self-attention (`blocks[i].self_attn.attn_op`) sees only local tokens and must attend to
-the whole sequence: that is what RingAttention (ring_attention.py) and UlyssesAttention (here) do.
-Cross-attention to the replicated text embedding needs no communication and is left as is.
+each self-attention module the caller lists (the DiT's `blocks[i].self_attn`, chosen in
+`models/parallelize.py`) sees only local tokens and must attend to the whole sequence: that is what
+RingAttention (ring_attention.py) and UlyssesAttention (here) do. Attention the caller does not list
+(the DiT's cross-attention to the replicated text embedding) needs no communication and is left as is.
 
 Gradient convention: every cp rank computes the same full loss from the gathered output, and the
 backward of `gather` hands each rank only its own slice of the gradient, so each rank's parameter
@@ -18,6 +19,7 @@ Legend: B batch, S_l local sequence (S/cp), S full sequence, H heads, H_l heads 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -189,21 +191,27 @@ def build_cp_attention(cp_group, *, mode: str = "ring", kernel: str = "auto",
     raise ValueError(f"unknown context-parallel mode {mode!r}; valid: {', '.join(CP_MODES)}")
 
 
-def apply_context_parallel(model: nn.Module, cp_group, *, mode: str = "ring", kernel: str = "auto",
-                           hybrid_groups: tuple | None = None) -> nn.Module:
-    """Shard `model`'s sequence over `cp_group` and make every block's self-attention cp-aware.
+def apply_context_parallel(model: nn.Module, cp_group, *, attention: Iterable[nn.Module] | None = None,
+                           mode: str = "ring", kernel: str = "auto", hybrid_groups: tuple | None = None) -> nn.Module:
+    """Shard `model`'s sequence over `cp_group` and make the listed self-attention modules cp-aware.
 
-    Sets `model.sequence_sharding = CPSequenceSharding(cp_group)` and replaces each
-    `model.blocks[i].self_attn.attn_op` with the module `build_cp_attention` makes for `mode`
-    (cross-attention keeps its backend). Apply before activation checkpointing and FSDP2.
-    Returns the model (modified in place).
+    Sets `model.sequence_sharding = CPSequenceSharding(cp_group)` and replaces the `attn_op` of
+    every module in `attention` with the module `build_cp_attention` makes for `mode`. Which
+    modules those are is the model's business: `models/parallelize.py` hands the DiT's
+    self-attention; without `attention`, the model's own `self_attention_modules()` lists them.
+    Apply before activation checkpointing and FSDP2. Returns the model (modified in place).
     """
     group = _as_group(cp_group)
+    targets = list(model.self_attention_modules() if attention is None else attention)
+    if not targets:
+        raise ValueError("apply_context_parallel: no attention modules to make context-parallel")
     probe = build_cp_attention(group, mode=mode, kernel=kernel, hybrid_groups=hybrid_groups)  # validates
     model.sequence_sharding = CPSequenceSharding(group)
-    blocks = list(model.blocks)
-    for i, block in enumerate(blocks):
-        block.self_attn.attn_op = probe if i == 0 else build_cp_attention(
+    for i, module in enumerate(targets):
+        if not hasattr(module, "attn_op"):
+            raise ValueError(f"apply_context_parallel: {type(module).__name__} has no `attn_op` to replace")
+        module.attn_op = probe if i == 0 else build_cp_attention(
             group, mode=mode, kernel=kernel, hybrid_groups=hybrid_groups)
-    log(f"applied {mode} context parallelism to {len(blocks)} blocks, cp={dist.get_world_size(group)}")
+    log(f"applied {mode} context parallelism to {len(targets)} attention modules, "
+        f"cp={dist.get_world_size(group)}")
     return model

@@ -1,8 +1,14 @@
-"""Process groups: start from torchrun's environment (or as one process), tear down cleanly.
+"""Process groups: start from torchrun's environment (or as one process), tear down cleanly;
+the package's one logger and its rank helpers.
 
-This is the only module of the package that reads environment variables
-(torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); everything
-below gets a `DistInfo` or a `DeviceMesh` passed in.
+torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are read here
+and nowhere else; everything below gets a `DistInfo` or a `DeviceMesh` passed in. (The other
+environment reads are at the edges: `$COSMOS_TRAIN_OUTPUT_ROOT` in `spec.py`,
+`$COSMOS_TRAIN_DEBUG` in the CLI.)
+
+Logging: every module logs through `log` / `warn` here (rank 0 only unless asked), on the
+"cosmos_train" logger that `configure_logging` attaches a handler to; modules that use
+`logging.getLogger(__name__)` land on the same handler as its children.
 
 Single-process runs (no torchrun) still get a real process group: a 1-rank group
 on an in-process `HashStore` (no port, no files). That keeps one code path for
@@ -166,16 +172,34 @@ def distributed(parallel: ParallelSpec, *, device: str = "auto",
     teardown(info)
 
 
-def _current_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+# ------------------------------------------------------------------ rank helpers (the one set)
+def dist_on() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
 
 
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in `group` (default: the world); 0 without a process group."""
+    return dist.get_rank(group) if dist_on() else 0
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Size of `group` (default: the world); 1 without a process group."""
+    return dist.get_world_size(group) if dist_on() else 1
+
+
+def is_main() -> bool:
+    """True on global rank 0 (and in a single process)."""
+    return rank() == 0
+
+
+# ------------------------------------------------------------------------------- logging
 def log(msg: str, *, all_ranks: bool = False, level: int = logging.INFO) -> None:
     """Log `msg` once (rank 0), or on every rank with a "[rank N] " prefix."""
-    rank = _current_rank()
+    r = rank()
     if all_ranks:
-        logger.log(level, "[rank %d] %s", rank, msg)
-    elif rank == 0:
+        logger.log(level, "[rank %d] %s", r, msg)
+    elif r == 0:
         logger.log(level, "%s", msg)
 
 

@@ -1,27 +1,25 @@
 """FSDP2: shard a block-structured model, materialise it from meta, accumulate and clip grads.
 
-Order of application (see STYLE.md): context parallelism -> activation checkpointing
+Order of application (as torchtitan's `parallelize_llama`; the model side calls it, see
+`models/parallelize.py`): context parallelism -> activation checkpointing
 (`apply_activation_checkpointing`) -> FSDP2 (`apply_fsdp`) -> `materialize`.
 
-The model contract (the DiT follows it; tests use a stand-in):
-- ``model.blocks``: an ``nn.ModuleList`` of transformer blocks;
-- ``model.init_parameter(name, shape, generator) -> Tensor``: full fp32 CPU init value of
-  one parameter by its FQN; ``model.init_buffers()``: (re)compute buffers in place.
+What this module needs from a model (the DiT has it; tests use a stand-in):
+- ``model.blocks``: an ``nn.ModuleList`` of transformer blocks, the FSDP2 / AC units;
+- ``model.init_buffers()``: (re)compute buffers in place after allocation.
+Parameter values come from the `init_value(fqn, shape)` callable the caller hands `materialize`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from cosmos_train.models.dit import init_generator
 from cosmos_train.runtime.distributed import log
 
 
@@ -91,21 +89,21 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------ materialise
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device | str, *, seed: int) -> nn.Module:
+def materialize(model: nn.Module, device: torch.device | str, *,
+                init_value: Callable[[str, tuple[int, ...]], torch.Tensor]) -> nn.Module:
     """Allocate a meta-built (and usually sharded) model on `device` and initialise it.
 
-    Each parameter's full value comes from `model.init_parameter(fqn, shape,
-    init_generator(seed, fqn))`, one parameter at a time on CPU -- the same generator
-    as the DiT's unsharded `init_weights(seed)` -- and each rank keeps only its local
-    shard (sliced locally, no communication), so the result is the same at every world
-    size. FSDP2 keeps the unsharded FQNs, so `fqn` is the plain model's name. Buffers
-    come from `model.init_buffers()`.
+    Each parameter's full value comes from `init_value(fqn, full_shape)`, one parameter at a
+    time on CPU, and each rank keeps only its local shard (sliced locally, no communication),
+    so the result is the same at every world size when `init_value` depends only on the FQN
+    (the DiT's seeds per FQN do). FSDP2 keeps the unsharded FQNs, so `fqn` is the plain
+    model's name. Buffers come from `model.init_buffers()`.
     """
     model.to_empty(device=device)
     for name, p in model.named_parameters():
-        full = model.init_parameter(name, tuple(p.shape), init_generator(seed, name))
+        full = init_value(name, tuple(p.shape))
         if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(f"init_parameter({name!r}) returned shape {tuple(full.shape)}, "
+            raise ValueError(f"init_value({name!r}) returned shape {tuple(full.shape)}, "
                              f"expected {tuple(p.shape)}")
         if isinstance(p, DTensor):
             # src_data_rank=None: every rank holds the same full value, so slice locally.
@@ -129,46 +127,23 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
-def _norm_key(g: torch.Tensor) -> tuple:
-    """Which mesh dims a gradient's local squares must be summed over."""
-    if not isinstance(g, DTensor):
-        return ()
-    dims = []
-    for i, pl in enumerate(g.placements):
-        if isinstance(pl, Shard):
-            dims.append(i)
-        elif not isinstance(pl, Replicate):
-            raise ValueError(f"clip_grad_norm: unsupported gradient placement {pl} (expected Shard/Replicate)")
-    return (g.device_mesh, tuple(dims))
-
-
 @torch.no_grad()
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip gradients to a global L2 norm of `max_norm`; return the norm before clipping.
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip gradients to a global L2 norm of `max_norm`; return the norm before clipping (a tensor).
 
-    Works on FSDP/HSDP DTensor gradients (squares of the local shards are summed
-    over the mesh dims they are sharded on, not over replicated ones) and on plain
-    tensors, with one all-reduce per distinct sharding, so it runs on gloo too.
-    `max_norm <= 0` only measures. A non-finite norm is returned without touching
-    the gradients (the caller decides to skip the step).
+    torch's `get_total_norm` on the FSDP2 / HSDP DTensor gradients gives a DTensor partial over
+    the dims the gradients are sharded on; `full_tensor()` sums it there (one all-reduce, on the
+    device, no host sync), not over the replicated HSDP dim. `clip_grads_with_norm_` then scales
+    by min(1, max_norm / (norm + 1e-6)) on the device. `max_norm <= 0` only measures. A
+    non-finite norm makes the gradients non-finite; the caller skips that step
+    (`optim.step_unless_nonfinite`).
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    sums: dict[tuple, torch.Tensor] = {}
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
-        key = _norm_key(g)
-        sq = local.detach().float().pow(2).sum()
-        sums[key] = sums[key] + sq.to(sums[key].device) if key in sums else sq
-    total = 0.0
-    for key, sq in sums.items():
-        if key:
-            mesh, dims = key
-            for d in dims:
-                dist.all_reduce(sq, group=mesh.get_group(d))
-        total += float(sq)
-    norm = math.sqrt(total)
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(coef)
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm

@@ -72,7 +72,6 @@ class ParallelDims:
         dp_shard_cp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
         fsdp = DeviceMesh._concatenate([world["dp_replicate"], dp_shard_cp]) if self.hsdp else dp_shard_cp
         self._meshes = {
-            "world": world,
             "dp": world["dp_replicate", "dp_shard"]._flatten("dp"),
             "dp_shard_cp": dp_shard_cp,
             "cp": world["cp"],
@@ -100,10 +99,6 @@ class ParallelDims:
         if not self._meshes:
             raise ValueError("ParallelDims.build_mesh(device_type) must be called first")
         return self._meshes[name]
-
-    @property
-    def world_mesh(self) -> DeviceMesh:
-        return self._mesh("world")
 
     @property
     def dp_mesh(self) -> DeviceMesh:

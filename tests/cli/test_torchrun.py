@@ -23,7 +23,7 @@ def test_torchrun_two_processes_with_cp_then_resume_single_process(tmp_path):
            "parallel.cp=2"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "applied ring context parallelism to 2 blocks, cp=2" in r.stderr
+    assert "applied ring context parallelism to 2 attention modules, cp=2" in r.stderr
     assert read_latest(checkpoints_dir(spec.run_dir())).name == "iter_000000002"
     assert [m["step"] for m in metrics(spec.run_dir())] == [1, 2]
 

@@ -13,7 +13,7 @@ from cosmos_train.export.keys import group_keys, plan_keys
 from cosmos_train.export.load import load_weights, resolve_load_path
 from cosmos_train.models.dit import DiT
 from cosmos_train.models.lora import apply_lora
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.spec import LoraSpec
 
 CFG = PRESETS["tiny"]

@@ -9,7 +9,7 @@ import torch
 from cosmos_train.models.diffusion import (SIGMA_CONDITION, condition_mask, denoise, loss_weight, rf_scaling,
                                            sample_sigma, training_loss)
 from cosmos_train.models.dit import DiT
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.models.sampler import ab2_step, euler_step, guided_x0, karras_sigmas, sample
 from cosmos_train.models.tokenizer import SpaceToDepthTokenizer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cosmos_train.models.dit import DiT, NoSequenceSharding, count_parameters, init_generator
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.models.rope import rope_split
 
 

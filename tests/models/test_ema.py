@@ -8,7 +8,7 @@ import torch
 from cosmos_train.models.dit import DiT
 from cosmos_train.models.ema import PowerEMA, ema_beta, gamma_from_s
 from cosmos_train.models.lora import apply_lora
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.spec import LoraSpec
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from cosmos_train.models.ema import PowerEMA
 from cosmos_train.models.lora import (PEFT_KEY_PREFIX, WEIGHTS_FILE, apply_lora, format_lora_summary,
                                       load_adapter, lora_config, lora_summary, merge_lora_state_dict,
                                       read_adapter_config)
-from cosmos_train.models.presets import PRESETS
+from cosmos_train.presets import PRESETS
 from cosmos_train.spec import LoraSpec
 from tests.dist import run_ranks
 
@@ -95,8 +96,8 @@ def test_peft_export_reload_identical(tmp_path):
     assert "base_model.model.blocks.0.self_attn.q_proj.lora_A.weight" in files
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8, "LORA")
-    assert read_adapter_config(tmp_path / "adapter").model_dump() == SPEC.model_dump() | {
-        "target_modules": sorted(SPEC.target_modules)}
+    assert asdict(read_adapter_config(tmp_path / "adapter")) == SPEC.model_dump() | {
+        "target_modules": tuple(sorted(SPEC.target_modules))}
     # PEFT itself loads the adapter onto a plain base model
     peft_model = PeftModel.from_pretrained(_base(0), str(tmp_path / "adapter")).eval()
     with torch.no_grad():

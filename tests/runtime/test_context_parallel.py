@@ -19,7 +19,7 @@ from cosmos_train.runtime.attention import SDPAAttention
 from cosmos_train.runtime.context_parallel import (
     CPSequenceSharding, UlyssesAttention, apply_context_parallel, build_cp_attention)
 from cosmos_train.runtime.ring_attention import (
-    FlashKernel, MathKernel, RingAttention, build_block_kernel, math_attention_block, merge_partials)
+    RingAttention, build_block_kernel, math_attention_block, merge_partials)
 from tests.dist import run_ranks
 
 # ------------------------------------------------------------------------------ single process
@@ -303,7 +303,8 @@ def _dit_body(rank, world, reference):
     for mode in ("ring", "a2a"):
         torch.manual_seed(0)
         model = _StandInDiT().double()
-        apply_context_parallel(model, dist.group.WORLD, mode=mode, kernel="math")
+        apply_context_parallel(model, dist.group.WORLD, attention=[b.self_attn for b in model.blocks],
+                               mode=mode, kernel="math")
         assert model.state_dict().keys() == _StandInDiT().state_dict().keys()
         assert isinstance(model.blocks[1].cross_attn.attn_op, SDPAAttention)  # cross-attn untouched
         out, grads = _loss_and_grads(model, torch.float64)
@@ -323,8 +324,8 @@ def test_dit_shaped_stack_cp2_equals_cp1():
         for mode, (out_err, grad_err) in res.items():
             assert out_err <= 1e-10 and grad_err <= 1e-10, (mode, out_err, grad_err)
         # one log line per job (rank 0), not one per rank
-        assert records == (["applied ring context parallelism to 2 blocks, cp=2",
-                            "applied a2a context parallelism to 2 blocks, cp=2"] if rank == 0 else [])
+        assert records == (["applied ring context parallelism to 2 attention modules, cp=2",
+                            "applied a2a context parallelism to 2 attention modules, cp=2"] if rank == 0 else [])
 
 
 # ------------------------------------------------------------------------------- the real DiT
@@ -333,7 +334,7 @@ def test_dit_shaped_stack_cp2_equals_cp1():
 def _tiny_dit_run(mode, group):
     """Loss-gradients of the tiny DiT (fp64, perturbed init so no path is zero) with cp `mode`."""
     from cosmos_train.models.dit import DiT
-    from cosmos_train.models.presets import PRESETS
+    from cosmos_train.presets import PRESETS
 
     model = DiT(PRESETS["tiny"]).double()
     g = torch.Generator().manual_seed(11)

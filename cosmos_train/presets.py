@@ -1,11 +1,13 @@
 """Architecture presets for the DiT (values from released Cosmos-Predict2 configs).
 
-Pure data, no torch: the spec validates against these before anything is built.
+Pure data, no torch, no package imports: the spec validates against these before anything is
+built, and the model takes a `DiTConfig`. Living beside both (not in `models/`) keeps the spec
+free of model code and the model free of the spec.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -45,5 +47,3 @@ PRESETS: dict[str, DiTConfig] = {
     "2b": DiTConfig(model_channels=2048, num_blocks=28, num_heads=16),
     "14b": DiTConfig(model_channels=5120, num_blocks=36, num_heads=40),
 }
-
-ARCHITECTURE_FIELDS = tuple(f.name for f in fields(DiTConfig))
