@@ -86,15 +86,33 @@ class _GuardedFile:
         self.error: OSError | None = None
 
     def write(self, b) -> int:
+        # Nothing may raise from here: an exception inside the C++ writer (also from its destructor,
+        # which can run late, during garbage collection of a half-torn-down object) aborts the process.
         n = memoryview(b).nbytes
-        if self.error is None:
-            try:
+        try:
+            if self.error is None:
                 self._f.write(b)
-            except OSError as e:
-                self.error = e
-            except ValueError:  # closed already (the writer's destructor finalising late): drop it
-                pass
+        except OSError as e:
+            self.error = e
+        except Exception:  # noqa: BLE001 - closed or torn down: the bytes are dropped, nothing is raised
+            pass
         return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """torch's writer seeks over the holes of `write_record_metadata` records."""
+        try:
+            return self._f.seek(offset, whence)
+        except OSError as e:
+            self.error = self.error or e
+        except Exception:  # noqa: BLE001 - as in write: never raise into the C++ writer
+            pass
+        return 0
+
+    def tell(self) -> int:
+        try:
+            return self._f.tell()
+        except Exception:  # noqa: BLE001 - as in write
+            return 0
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -164,10 +182,11 @@ class PtWriter:
 
     def close(self) -> None:
         """Finish the archive; every entry must have been written."""
-        if self._next != len(self._entries):
-            raise ValueError(f"PtWriter: {len(self._entries) - self._next} tensors not written")
-        self._zip.write_end_of_file()
+        missing = len(self._entries) - self._next
+        self._zip.write_end_of_file()  # finalised either way, so its destructor has nothing left to write
         self._file.close()
+        if missing:
+            raise ValueError(f"PtWriter: {missing} tensors not written")
         self._file.raise_error()
 
     def __enter__(self) -> PtWriter:
