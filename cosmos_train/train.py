@@ -159,6 +159,7 @@ class Trainer:
         self._window = _Window()
         self._samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
         self.guard = NonFiniteGuard(tr.max_nonfinite_steps, device)  # read on sync and saving steps only
+        self._guard_checked = -1  # the step whose sync last read the guard
 
     # ------------------------------------------------------------------------- one step
     def step(self) -> None:
@@ -200,7 +201,8 @@ class Trainer:
         w, world = self._window, world_size()
         n = len(w.pending_losses)
         flag = torch.tensor([1.0 if self.preemption.requested else 0.0], dtype=torch.float64, device=self.device)
-        local = torch.cat([torch.stack(w.pending_losses).double(), torch.stack(w.pending_skipped), flag])
+        local = torch.cat([torch.stack(w.pending_losses).double(), torch.stack(w.pending_skipped), flag,
+                           self.guard.take_flag()])  # NaN-streak flag: the same all-reduce
         norm = self.grad_norm.detach().to(self.device, torch.float64).reshape(1)
         values = torch.cat([_sum_over_ranks(local), norm]).tolist()
         first = self.step_count - n + 1
@@ -213,6 +215,8 @@ class Trainer:
         w.grad_norm = values[-1]
         w.pending_losses.clear()
         w.pending_skipped.clear()
+        self._guard_checked = self.step_count
+        self.guard.raise_if(values[2 * n + 1], self.step_count)  # a diverged run stops here
         return values[2 * n] > 0
 
     def _log(self, tlog: TrainLog, lr: float) -> None:
@@ -247,7 +251,8 @@ class Trainer:
 
         A run whose loss was NaN/inf for `trainer.max_nonfinite_steps` steps stops here instead.
         """
-        if force or self.step_count % self.spec.checkpoint.save_iter == 0:
+        saving = force or self.step_count % self.spec.checkpoint.save_iter == 0
+        if saving and self._guard_checked != self.step_count:  # not already checked by this step's sync
             self.guard.check(self.step_count)
         return self.ckpt.save(self.step_count, force=force)
 
@@ -292,7 +297,6 @@ class Trainer:
             result.step_seconds[done] = time.perf_counter() - step_start
             stop = False
             if self._is_sync_step():
-                self.guard.check(done)  # a diverged run stops at its next sync step
                 stop = self._sync(result)
                 tlog.step(done, f"loss {result.losses[done]:.4f}")
                 if done % tr.logging_iter == 0 or done == tr.max_iter or stop:

@@ -76,8 +76,9 @@ def test_flipped_bytes_are_caught_by_consolidate_and_infer_loading(tmp_path):
     it = ck_dir / "iter_000000002"
     name = poison_tensor_bytes(it / "model", states[2]["model"]["blocks.0.fc1.weight"])
     out = tmp_path / "model.pt"
-    for kw in ({}, {"verify": True}):
-        with pytest.raises(CorruptCheckpointError, match=rf"model/{name}: crc32 mismatch"):
+    for kw in ({}, {"verify": True}, {"merge_lora": False, "dtype": "bf16"}):
+        # the copy engine meets DCP's own per-chunk CRC first; either check names the shard file
+        with pytest.raises(CorruptCheckpointError, match=rf"model/{name}: (crc32 mismatch|the bytes of)"):
             consolidate(it, out, progress=False, **kw)
         assert not out.exists() and not list(tmp_path.glob(".model.pt.partial-*"))
     with pytest.raises(CorruptCheckpointError, match=rf"model/{name}: crc32 mismatch"):
