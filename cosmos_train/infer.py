@@ -228,7 +228,7 @@ def _infer(req: InferenceRequest, info) -> Path:
     emb, _ = load_embedding(req.prompt_embedding, width=context_dim)
     # the empty prompt by default: what text dropout trains for
     neg = load_embedding(req.negative_embedding, width=context_dim)[0] if req.negative_embedding else torch.zeros_like(emb)
-    guided = req.guidance != 1.0
+    guided = req.guidance != 0.0  # upstream's convention: g = 0 is no guidance
     # Upstream conditions on the zero-padded embedding without a key mask; released weights expect it.
     latent = sample(model, condition_latent=condition_latent, num_condition_frames=k,
                     shape=(1, C, Tl, Hl, Wl), text_emb=emb[None].to(device), text_mask=None,

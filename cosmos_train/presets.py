@@ -3,6 +3,15 @@
 Pure data, no torch, no package imports: the spec validates against these before anything is
 built, and the model takes a `DiTConfig`. Living beside both (not in `models/`) keeps the spec
 free of model code and the model free of the spec.
+
+RoPE extrapolation ratios (h, w, t) are those of upstream's Video2World nets
+(`cosmos_predict2/configs/base/config_video2world.py`, `_PREDICT2_VIDEO2WORLD_NET_2B` /
+`_NET_14B`): 2B (3, 3, 1), 14B (2, 2, 0.8333...). Upstream's 480p and 10 fps variants
+(`_PIPELINE_{2B,14B}_{480P,720P}_{10,16}FPS`) are deep copies of the 720p/16 fps pipeline
+that change only `resolution` and `state_t` (16 latent frames = 61 video frames at 10 fps),
+never the net, so one preset per model size covers every released resolution and fps:
+set `data.video_size` ([704, 1280] at 720p, [480, 832] at 480p) and `data.num_frames`
+(93 at 16 fps, 61 at 10 fps) to match the checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ PRESETS: dict[str, DiTConfig] = {
     # tiny: CPU work; latent channels follow the built-in space-to-depth tokenizer
     # (3 colour channels x 4 frames x 2 x 2 pixels = 48).
     "tiny": DiTConfig(model_channels=128, num_blocks=2, num_heads=4, latent_channels=48, adaln_lora_dim=64),
-    "2b": DiTConfig(model_channels=2048, num_blocks=28, num_heads=16),
-    "14b": DiTConfig(model_channels=5120, num_blocks=36, num_heads=40),
+    "2b": DiTConfig(model_channels=2048, num_blocks=28, num_heads=16, rope_h_extrapolation_ratio=3.0,
+                    rope_w_extrapolation_ratio=3.0, rope_t_extrapolation_ratio=1.0),
+    "14b": DiTConfig(model_channels=5120, num_blocks=36, num_heads=40, rope_h_extrapolation_ratio=2.0,
+                     rope_w_extrapolation_ratio=2.0, rope_t_extrapolation_ratio=0.8333333333333334),
 }

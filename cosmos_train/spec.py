@@ -121,17 +121,29 @@ class ModelSpec(_Section):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (train_architecture = 'lora').")
     ema: EmaSpec = Field(default_factory=EmaSpec, description="EMA settings.")
     num_condition_frames: int = Field(
-        1, ge=1, description="Clean latent frames that condition Video2World (upstream: 1 or 2); no loss on them.")
+        1, ge=1, description="Clean latent frames that condition sampling (infer) and the validation loss.")
+    min_num_condition_frames: int = Field(
+        1, ge=0, description="Training: fewest clean condition latent frames, drawn per sample (upstream 1).")
+    max_num_condition_frames: int = Field(
+        2, ge=0, description="Training: most clean condition latent frames, drawn per sample (upstream 2).")
 
     def dit_config(self) -> DiTConfig:
         """The preset with the architecture overrides applied."""
         return PRESETS[self.preset].with_overrides(**self.architecture.model_dump())
+
+    @property
+    def train_condition_frames(self) -> tuple[int, int]:
+        """(min, max) clean condition latent frames of a training sample, drawn uniformly per sample."""
+        return self.min_num_condition_frames, self.max_num_condition_frames
 
     @model_validator(mode="after")
     def _lora_only_with_lora(self) -> "ModelSpec":
         if self.train_architecture != "lora" and self.lora != LoraSpec():
             raise ValueError("[lora] settings given but train_architecture is 'full'; "
                              "set model.train_architecture = \"lora\" or remove [model.lora]")
+        if self.min_num_condition_frames > self.max_num_condition_frames:
+            raise ValueError(f"min_num_condition_frames {self.min_num_condition_frames} is above "
+                             f"max_num_condition_frames {self.max_num_condition_frames}")
         cfg = self.dit_config()
         if cfg.model_channels % cfg.num_heads:
             raise ValueError(f"model_channels {cfg.model_channels} is not divisible by num_heads {cfg.num_heads}")
@@ -291,7 +303,8 @@ class ParallelSpec(_Section):
 class CheckpointSpec(_Section):
     save_iter: int = Field(500, gt=0, description="Save every this many steps (and at the end).")
     load_path: str | None = Field(
-        None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir or hf://org/repo/file.")
+        None, description="Initial weights: .pt, .safetensors, DCP iteration dir, run dir, diffusers transformer "
+                          "folder, hf://org/repo/file or hf://org/repo (a diffusers repo: its transformer/).")
     load_training_state: bool = Field(False, description="Also load optimizer/scheduler/trainer from load_path.")
     strict_resume: bool = Field(True, description="Missing or unexpected keys are an error.")
     keys_not_to_resume: list[str] = Field(
@@ -329,6 +342,9 @@ class ExperimentSpec(_Section):
         if self.model.num_condition_frames >= latent_t:
             raise ValueError(f"model.num_condition_frames: must be below the latent frame count {latent_t} "
                              f"(data.num_frames {self.data.num_frames}) (got {self.model.num_condition_frames})")
+        if self.model.max_num_condition_frames >= latent_t:
+            raise ValueError(f"model.max_num_condition_frames: must be below the latent frame count {latent_t} "
+                             f"(data.num_frames {self.data.num_frames}) (got {self.model.max_num_condition_frames})")
         heads = self.model.dit_config().num_heads
         if self.parallel.cp_mode == "a2a" and heads % cp:
             raise ValueError(f"parallel.cp: cp_mode 'a2a' needs num_heads ({heads}) divisible by cp (got {cp})")

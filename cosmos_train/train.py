@@ -174,7 +174,7 @@ class Trainer:
                 set_gradient_sync(self.model, micro == tr.grad_accum_iter - 1)
             # Upstream feeds the zero-padded T5 embedding without a key mask; released weights expect it.
             loss, _ = training_loss(self.model, latent, emb, None, generator=self.generator,
-                                    num_condition_frames=self.spec.model.num_condition_frames,
+                                    num_condition_frames=self.spec.model.train_condition_frames,
                                     text_dropout=self.spec.data.text_dropout, loss_scale=tr.loss_scale)
             (loss * (self.dims.cp / tr.grad_accum_iter)).backward()
             loss_sum += loss.detach()
@@ -183,8 +183,8 @@ class Trainer:
         step_unless_nonfinite(self.optimizer, self.grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model, self.step_count + 1)
+        if self.ema is not None:  # upstream passes the iteration before incrementing it: beta(0) = 0 copies
+            self.ema.update(self.model, self.step_count)
         self.step_count = self.state.step = self.step_count + 1
         self._window.pending_losses.append(loss_sum / tr.grad_accum_iter)
         self._window.pending_skipped.append((~torch.isfinite(self.grad_norm)).to(torch.float64))

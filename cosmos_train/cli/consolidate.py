@@ -21,6 +21,11 @@ class ConvertTarget(str, Enum):
     dcp = "dcp"
 
 
+class Format(str, Enum):
+    cosmos = "cosmos"
+    diffusers = "diffusers"
+
+
 @handle_errors
 def consolidate(
     ckpt_dir: Annotated[Path, typer.Argument(
@@ -28,7 +33,7 @@ def consolidate(
         show_default=False)],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o",
-        help="Output file: .pt or .safetensors (a directory with --adapter-only). Default: "
+        help="Output file: .pt or .safetensors (a directory with --adapter-only or --format diffusers). Default: "
              "RUN_DIR/consolidated/iter_XXXXXXXXX[_ema][_merged][_bf16].pt "
              "(RUN_DIR/consolidated/iter_XXXXXXXXX[_ema]_adapter/ with --adapter-only).",
         show_default=False)] = None,
@@ -59,17 +64,28 @@ def consolidate(
     verify: Annotated[bool, typer.Option("--verify", help="Re-read the output and compare it with the source.")
                       ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    format: Annotated[Format, typer.Option(
+        "--format", help="cosmos: released Cosmos-Predict2 keys (net.*); diffusers: OUT_DIR/transformer/ "
+                         "(config.json + sharded safetensors) for diffusers' CosmosTransformer3DModel.")
+                      ] = Format.cosmos,
+    base_pipeline: Annotated[str | None, typer.Option(
+        "--base-pipeline", help="With --format diffusers: a diffusers pipeline folder or hf://org/repo; OUT_DIR "
+                                "becomes a full pipeline (model_index.json, other components symlinked).",
+        show_default=False)] = None,
 ) -> None:
-    """Stream a DCP training checkpoint into one .pt / .safetensors file in bounded memory.
+    """Stream a DCP training checkpoint into one .pt / .safetensors file (or a diffusers folder) in bounded memory.
 
     Example: [bold]cosmos-train consolidate outputs/proj/group/run -o model.safetensors --ema --dtype bf16[/bold]
+
+    Example: [bold]cosmos-train consolidate outputs/proj/group/run --format diffusers -o my_model --ema --merge-lora[/bold]
     """
     from cosmos_train.export.consolidate import consolidate as run
 
     report = run(ckpt_dir, output, iteration=iteration, ema=ema, both=both,
                  dtype=dtype.value if dtype is not None else None, prefix=prefix, merge_lora=merge_lora,
                  adapter_only=adapter_only, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                 max_shard_size=max_shard_size, verify=verify, progress=progress)
+                 max_shard_size=max_shard_size, verify=verify, progress=progress, format=format.value,
+                 base_pipeline=base_pipeline)
     console.print(report.summary(), highlight=False, soft_wrap=True)
 
 

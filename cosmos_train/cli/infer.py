@@ -12,16 +12,16 @@ from cosmos_train.cli.common import handle_errors
 
 @handle_errors
 def infer(
-    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="model.pt | .safetensors | DCP iteration dir | run dir | hf://org/repo/file")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", help="model.pt | .safetensors | DCP iteration dir | run dir | diffusers folder (DIR or DIR/transformer) | hf://org/repo/file | hf://org/repo (diffusers)")],
     input: Annotated[Path, typer.Option("--input", "-i", help="Conditioning image (png/jpg) or clip (mp4: its last frame).")],
     prompt_embedding: Annotated[str, typer.Option("--prompt-embedding", "-p", help="Text embedding: FILE.npy [n_tokens, 1024] or STORE.zarr:KEY.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output mp4.")] = Path("outputs/sample.mp4"),
     spec: Annotated[Path | None, typer.Option("--spec", help="Spec of the model; default: the run's spec.toml beside the checkpoint.")] = None,
     negative_embedding: Annotated[str | None, typer.Option("--negative-embedding", help="Negative prompt embedding (default: empty prompt).")] = None,
     lora: Annotated[Path | None, typer.Option("--lora", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors).")] = None,
-    guidance: Annotated[float, typer.Option(help="Guidance g in x0 = x0_neg + g (x0_pos - x0_neg); 1 = none. (Upstream writes x0_pos + g (x0_pos - x0_neg): its g is g - 1 here.)")] = 7.0,
+    guidance: Annotated[float, typer.Option(help="Guidance g in x0 = x0_pos + g (x0_pos - x0_neg), as upstream and diffusers; 0 = none.")] = 7.0,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = 35,
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Noise seed; NumPy RandomState(seed) as upstream, so the same seed gives upstream's sample.")] = 0,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Use the EMA weights.")] = False,
     num_frames: Annotated[int | None, typer.Option(help="Frames to generate (4k+1; default: the spec's data.num_frames).")] = None,
     fps: Annotated[int, typer.Option(help="Frame rate of the mp4.")] = 16,

@@ -279,12 +279,35 @@ def _replace(moves: list[tuple[Path, Path]]) -> None:
         install(tmp, final)
 
 
+FORMATS = ("cosmos", "diffusers")
+DIFFUSERS_SHARD_SIZE = "5GB"  # what diffusers' save_pretrained uses for the released repos
+
+
+def _diffusers_items(items: list[_Item]) -> list[_Item]:
+    """Rename the (prefix-free) items to diffusers keys; buffers and extra state are left out.
+
+    Unmerged LoRA keys have no diffusers name: the error says to add --merge-lora.
+    """
+    from cosmos_train.export import diffusers as dmap
+
+    out = []
+    for it in items:
+        try:
+            name = dmap.to_diffusers_key(it.out.name)
+        except ValueError as e:
+            raise CosmosTrainError(f"--format diffusers: {e}") from None
+        if name is not None:
+            out.append(_Item(TensorEntry(name, it.out.dtype, it.out.shape), it.sources, it.source_bytes))
+    return out
+
+
 def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: int | None = None,
                 ema: bool = False, both: bool = False, dtype: str | torch.dtype | None = None,
                 prefix: str = REG, merge_lora: bool = False, adapter_only: bool = False,
                 lora_rank: int | None = None, lora_alpha: int | None = None,
                 max_shard_size: int | str | None = None, verify: bool = False,
-                verify_source: bool = False, copy_mode: str = "auto", progress: bool = True) -> ConsolidateReport:
+                verify_source: bool = False, copy_mode: str = "auto", progress: bool = True,
+                format: str = "cosmos", base_pipeline: str | Path | None = None) -> ConsolidateReport:
     """Stream the model part of a DCP checkpoint into one consolidated file (or a PEFT adapter dir).
 
     `src` is an iteration dir, a `checkpoints/` dir, a run dir (latest, or
@@ -298,20 +321,54 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
     `verify_source` then reads every byte in user space and checks it against
     the CRC32 DCP stored with each chunk, in the same pass; `copy_mode` is
     `range_copy`'s ("auto", "kernel", "buffered").
+
+    `format="diffusers"`: `out` is a directory that receives `transformer/` (config.json
+    from the run's spec, `diffusion_pytorch_model*.safetensors` sharded by `max_shard_size`,
+    default 5GB, with the index when there are several shards), which diffusers'
+    `CosmosTransformer3DModel.from_pretrained(out, subfolder="transformer")` loads. With
+    `base_pipeline` (a local diffusers pipeline folder or hf://org/repo) `out` becomes a full
+    pipeline: its model_index.json and symlinks to the base's other components.
     """
     t0 = time.perf_counter()
     if both and ema:
         raise CosmosTrainError("--ema and --both are exclusive (--both already exports net_ema.*)")
     if merge_lora and adapter_only:
         raise CosmosTrainError("--merge-lora and --adapter-only are exclusive")
+    if format not in FORMATS:
+        raise CosmosTrainError(f"--format: unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    diffusers_out = format == "diffusers"
+    if base_pipeline is not None and not format == "diffusers":
+        raise CosmosTrainError("--base-pipeline needs --format diffusers")
+    if diffusers_out and (both or adapter_only):
+        raise CosmosTrainError("--format diffusers writes one plain transformer; not with --both or --adapter-only")
     dt = parse_dtype(dtype)
     it_dir, model_dir = _source_dir(Path(src), iteration)
     if out is None:
+        suffix = "_diffusers" if diffusers_out else ".safetensors" if max_shard_size else ".pt"
         out = default_output(it_dir, ema=ema, dtype=dt, merge_lora=merge_lora, adapter_only=adapter_only,
-                             suffix=".safetensors" if max_shard_size else ".pt")
+                             suffix=suffix)
     out = Path(out)
     reader = DcpSource(model_dir)
     run_dir = find_run_dir(it_dir)
+    spec = None
+    if diffusers_out:
+        from cosmos_train.export.diffusers import TRANSFORMER_SUBFOLDER, WEIGHTS_NAME
+        from cosmos_train.spec import load_spec
+
+        if run_dir is None:
+            raise CosmosTrainError(f"{it_dir}: --format diffusers needs the run's spec.toml (config.json is "
+                                   "written from its architecture); this checkpoint is not inside a run dir")
+        if out.suffix in (".pt", ".pth", ".safetensors"):
+            raise CosmosTrainError(f"{out}: --format diffusers writes a directory; give a folder name")
+        spec = load_spec(run_dir / SPEC_FILE)
+        base_root = None
+        if base_pipeline is not None:  # fetched and checked before anything is written
+            from cosmos_train.export.diffusers_folder import resolve_base_pipeline
+
+            base_root = resolve_base_pipeline(base_pipeline)
+        prefix = ""  # diffusers keys have no net. prefix
+        max_shard_size = max_shard_size or DIFFUSERS_SHARD_SIZE
+        out = out / TRANSFORMER_SUBFOLDER / WEIGHTS_NAME
     mapping, dropped = select_export(reader.entries, reader.non_tensor_keys, ema=ema, both=both, prefix=prefix)
     if dropped:
         log.info("dropping %d _extra_state entries (as upstream loaders do)", len(dropped))
@@ -328,6 +385,8 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
                  for k, e in lora_export.adapter_entries(reader.entries, mapping, dtype=dt)]
     else:
         items = _plan(reader, mapping, dtype=dt, merge=merge)
+    if diffusers_out:
+        items = _diffusers_items(items)
     total = sum(it.out.nbytes for it in items)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = free_bytes(out.parent)
@@ -364,11 +423,20 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
             close()
         if check_crcs:  # damaged shards never become an output
             reader.check_checksums(extra=copy_stats.segments)
+        if diffusers_out:
+            from cosmos_train.export.diffusers_folder import diffusers_config_json
+
+            (tmp / "config.json").write_text(diffusers_config_json(spec.model.dit_config()))
+            moves.insert(0, (tmp / "config.json", out.parent / "config.json"))  # the weights move last
         if verify:
             # The index (sharded) or the single weights file is the last thing moved into place.
             written = moves[-1][0] / lora_export.ADAPTER_WEIGHTS if adapter_only else moves[-1][0]
             _verify(reader, items, merge, written, progress)
         _replace(moves)
+        if base_pipeline is not None:
+            from cosmos_train.export.diffusers_folder import link_pipeline
+
+            link_pipeline(base_root, out.parent.parent)
     except OSError as e:
         if is_disk_full(e):  # the partial output is removed below
             raise CheckpointError(disk_full_message(out, need=total, what="the consolidated weights")) from None

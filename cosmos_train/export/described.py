@@ -38,6 +38,12 @@ def exported_spec_text(run_spec: Path, *, merged: bool) -> str:
 def read_described_spec(weights: str | Path) -> str | None:
     """The spec TOML recorded with a consolidated file (metadata or sidecar), or None."""
     weights = Path(weights)
+    if weights.is_dir():  # a diffusers folder written by consolidate records it in its shards
+        from cosmos_train.export.diffusers_folder import DiffusersSource, find_transformer_dir
+
+        if find_transformer_dir(weights) is None:
+            return None
+        return DiffusersSource(weights).metadata().get(SPEC_METADATA_KEY)
     if weights.name.endswith((".safetensors", ".safetensors.index.json")):
         from cosmos_train.export.safetensors_io import SafetensorsSource
 

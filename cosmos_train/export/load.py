@@ -4,8 +4,11 @@ Accepted sources:
   model.pt / model.safetensors     flat dict; `net.` (regular) / `net_ema.` (EMA) prefixes,
                                    or no prefix at all (then the keys are regular weights)
   RUN/checkpoints/iter_X           a DCP iteration dir (also a checkpoints/ dir or a run dir)
+  DIR/transformer or DIR           a diffusers CosmosTransformer3DModel folder (or a pipeline
+                                   folder holding one under transformer/)
   hf://org/repo[@rev]/path/in/repo a file (or DCP dir) in a Hugging Face repo, fetched with
                                    huggingface_hub into the cache (offline: the cache only)
+  hf://org/repo[@rev]              a diffusers pipeline repo: its transformer/ subfolder
 
 `load_weights` plans the keys once on rank 0 (`export.keys.plan_keys`) and shares the
 plan. A DCP directory is then read by every rank for its own shards (`dcp.load`
@@ -40,7 +43,7 @@ FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved load_path: `kind` is "pt", "safetensors" or "dcp" (an iteration dir)."""
+    """A resolved load_path: `kind` is "pt", "safetensors", "dcp" (an iteration dir) or "diffusers"."""
 
     kind: str
     path: Path
@@ -55,10 +58,15 @@ def _hf_fetch(spec: str, *, cache_dir: str | Path | None, offline: bool) -> Path
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HTTPError
 
-    rest = spec[len(HF_SCHEME):]
+    rest = spec[len(HF_SCHEME):].rstrip("/")
     parts = rest.split("/", 2)
+    if len(parts) == 2 and all(parts):  # a diffusers repo: its transformer
+        from cosmos_train.export.diffusers import TRANSFORMER_SUBFOLDER
+
+        parts.append(TRANSFORMER_SUBFOLDER)
     if len(parts) < 3 or not all(parts):
-        raise CheckpointError(f"{spec}: expected hf://org/repo/path/in/repo (optionally org/repo@revision)")
+        raise CheckpointError(f"{spec}: expected hf://org/repo/path/in/repo or hf://org/repo (a diffusers "
+                              "repo; optionally org/repo@revision)")
     org, repo, inner = parts
     repo, _, revision = repo.partition("@")
     repo_id = f"{org}/{repo}"
@@ -117,6 +125,11 @@ def resolve_load_path(load_path: str | Path, *, cache_dir: str | Path | None = N
             return Source("pt", path, origin)
         raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; expected .pt, .pth or "
                               f".safetensors, a DCP iteration dir or a run dir")
+    from cosmos_train.export.diffusers_folder import find_transformer_dir
+
+    transformer = find_transformer_dir(path) if path.is_dir() else None
+    if transformer is not None:
+        return Source("diffusers", transformer, origin)
     return Source("dcp", layout.resolve_iteration_dir(path), origin)
 
 
@@ -192,6 +205,10 @@ def load_weights(source: Source, model: torch.nn.Module, ema=None, *, strict: bo
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     multi, rank = _world()
+    if source.kind == "diffusers" and hasattr(model, "cfg"):
+        from cosmos_train.export.diffusers_folder import check_architecture, read_dit_config
+
+        check_architecture(read_dit_config(source.path), model.cfg, source=str(source))
     msd = get_model_state_dict(model)
     esd = ema.state_dict() if ema is not None else None
     where = source.path / "model" if source.kind == "dcp" else source.path

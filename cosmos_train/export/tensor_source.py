@@ -2,9 +2,10 @@
 
 Implementations: a DCP directory (`dcp_source.DcpSource`), a `.pt` holding a flat
 dict (`pt_io.PtSource`), a `.safetensors` file or a sharded set through its
-`*.safetensors.index.json` (`safetensors_io.SafetensorsSource`). `open_source(path)`
-picks one by what the path is. A new format (e.g. a diffusers folder) is one more
-class with the same three attributes plus a branch in `open_source`.
+`*.safetensors.index.json` (`safetensors_io.SafetensorsSource`), a diffusers
+`transformer/` folder (`diffusers_folder.DiffusersSource`). `open_source(path)`
+picks one by what the path is. A new format is one more class with the same three
+attributes plus a branch in `open_source`.
 
 File-backed sources read bytes only through `read_range`, the one place a stored
 tensor's bytes come off disk (a checksumming read can hook in there).
@@ -84,12 +85,17 @@ def read_range(path: Path, offset: int, nbytes: int, *, what: str) -> torch.Tens
 
 
 def open_source(path: str | Path) -> TensorSource:
-    """The TensorSource for a DCP dir, a `.pt`/`.pth`, a `.safetensors` or a `.safetensors.index.json`."""
+    """The TensorSource for a DCP dir, a diffusers transformer (or pipeline) folder, a `.pt`/`.pth`,
+    a `.safetensors` or a `.safetensors.index.json`."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     name = path.name
     if path.is_dir():
+        from cosmos_train.export.diffusers_folder import DiffusersSource, find_transformer_dir
+
+        if find_transformer_dir(path) is not None:
+            return DiffusersSource(path)
         from cosmos_train.export.dcp_source import DcpSource
 
         return DcpSource(path)

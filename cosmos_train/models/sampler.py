@@ -1,6 +1,9 @@
 """Sampler: Karras sigma schedule, Euler first step, then second-order Adams–Bashforth in
 x0 form (exponential integrator in log-sigma, as the Cosmos "2ab" solver), classifier-free
-guidance x0 = x0_neg + g * (x0_pos - x0_neg), condition frames kept clean.
+guidance x0 = x0_pos + g * (x0_pos - x0_neg) (g = 0: none, default 7), condition frames kept
+clean, initial noise NumPy `RandomState(seed).standard_normal` -- all as upstream's
+`Video2WorldPipeline.__call__` / `get_x0_fn_from_batch` and `imaginaire.utils.misc.arch_invariant_rand`,
+so the same weights, inputs and seed give upstream's sample.
 
 The ODE is dx/dsigma = (x - x0(x, sigma)) / sigma. Stepping from sigma_s to sigma_t with
 h = ln(sigma_s / sigma_t) and x0 linear in lambda = -ln(sigma) (through the previous
@@ -16,6 +19,9 @@ prediction at sigma_min.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 
 from cosmos_train.models.diffusion import denoise
@@ -56,8 +62,36 @@ def ab2_step(x_s: torch.Tensor, x0_s: torch.Tensor, x0_prev: torch.Tensor, sigma
 
 
 def guided_x0(x0_pos: torch.Tensor, x0_neg: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance in x0: x0_neg + g * (x0_pos - x0_neg) (g = 1: no guidance)."""
-    return x0_neg + guidance * (x0_pos - x0_neg)
+    """Classifier-free guidance in x0, upstream's convention: x0_pos + g * (x0_pos - x0_neg) (g = 0: none)."""
+    return x0_pos + guidance * (x0_pos - x0_neg)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Unit Gaussian noise (float32, CPU) as upstream draws it: NumPy RandomState(seed).standard_normal.
+
+    Device- and architecture-independent, and the same numbers upstream starts from.
+    """
+    return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
+
+
+def make_x0_fn(net, *, clean_latent: torch.Tensor | None, num_condition_frames: int, text_emb: torch.Tensor,
+               text_mask: torch.Tensor | None, neg_emb: torch.Tensor | None, neg_mask: torch.Tensor | None,
+               guidance: float) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The sampler's denoiser `x0_fn(x, sigma)`: (guided) x0 prediction of x at noise level sigma.
+
+    Upstream's `get_x0_fn_from_batch`: both branches see the clean condition frames.
+    """
+    B = text_emb.shape[0]
+    kw = dict(clean_latent=clean_latent, num_condition_frames=num_condition_frames)
+
+    def x0_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        sigma_B = torch.full((B,), sigma, dtype=torch.float64, device=x.device)
+        x0_pos = denoise(net, x, sigma_B, text_emb, text_mask, **kw)
+        if neg_emb is None or guidance == 0:
+            return x0_pos
+        return guided_x0(x0_pos, denoise(net, x, sigma_B, neg_emb, neg_mask, **kw), guidance)
+
+    return x0_fn
 
 
 @torch.no_grad()
@@ -69,7 +103,8 @@ def sample(net, *, condition_latent: torch.Tensor | None, num_condition_frames: 
     """Sample a clean latent (B, C, T, H, W), float32, on text_emb's device.
 
     `condition_latent` holds at least the first `num_condition_frames` latent frames; they
-    stay clean throughout. `neg_emb=None` samples without guidance (one net call per step).
+    stay clean throughout. `neg_emb=None` samples without guidance (one net call per step);
+    so does `guidance=0` (x0_pos + 0 * (...) is x0_pos).
     """
     device = text_emb.device
     if num_condition_frames and (condition_latent is None or condition_latent.shape[2] < num_condition_frames):
@@ -79,19 +114,11 @@ def sample(net, *, condition_latent: torch.Tensor | None, num_condition_frames: 
     if num_condition_frames:
         clean = torch.zeros(shape, device=device)
         clean[:, :, :num_condition_frames] = condition_latent[:, :, :num_condition_frames].to(device).float()
-    B = shape[0]
-
-    def x0_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        sigma_B = torch.full((B,), sigma, dtype=torch.float64, device=device)
-        kw = dict(clean_latent=clean, num_condition_frames=num_condition_frames)
-        x0_pos = denoise(net, x, sigma_B, text_emb, text_mask, **kw)
-        if neg_emb is None:
-            return x0_pos
-        return guided_x0(x0_pos, denoise(net, x, sigma_B, neg_emb, neg_mask, **kw), guidance)
+    x0_fn = make_x0_fn(net, clean_latent=clean, num_condition_frames=num_condition_frames, text_emb=text_emb,
+                       text_mask=text_mask, neg_emb=neg_emb, neg_mask=neg_mask, guidance=guidance)
 
     sigmas = karras_sigmas(steps, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho).tolist()
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # CPU: device-independent
-    x = noise.to(device) * sigmas[0]
+    x = initial_noise(shape, seed).to(device) * sigmas[0]
     if clean is not None:
         x[:, :, :num_condition_frames] = clean[:, :, :num_condition_frames]
     prev: tuple[torch.Tensor, float] | None = None

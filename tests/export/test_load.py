@@ -117,6 +117,9 @@ def test_hf_source_from_prefilled_cache_offline(tmp_path):
     with pytest.raises(CheckpointError, match="offline"):
         resolve_load_path("hf://nvidia/Cosmos-Test/ckpt/other.pt", cache_dir=cache, offline=True)
     with pytest.raises(CheckpointError, match="expected hf://org/repo/path"):
+        resolve_load_path("hf://nvidia", cache_dir=cache, offline=True)
+    # hf://org/repo is a diffusers repo (its transformer/): not in this cache
+    with pytest.raises(CheckpointError, match="offline"):
         resolve_load_path("hf://nvidia/only", cache_dir=cache, offline=True)
 
 
