@@ -13,6 +13,8 @@
 #                     forward and backward, on one GPU
 #   ring_nccl         >= 2 GPUs: ring (flash/efficient/math) and a2a attention on NCCL vs full attention,
 #                     outputs and q/k/v grads, K/V exchange counts
+#   plan_vs_cuda      `cosmos-train plan` vs torch.cuda.max_memory_allocated of a real 2B step (one GPU,
+#                     bf16, activation checkpointing, 720p token count), full and LoRA
 # Writes OUTPUT_DIR/gpu_check.json (summary) and OUTPUT_DIR/<check>.log. Not part of the CPU test suite.
 set -u
 cd "$(dirname "$0")/.."
@@ -253,6 +255,41 @@ if [ -z "${NO_GPU:-}" ]; then
   else
     skip ring_nccl "needs >= 2 GPUs (found $NGPU)"
   fi
+fi
+
+# ------------------------------------------------------------------------------------ plan vs CUDA
+cat >"$WORK/plan_vs_cuda.py" <<'EOF'
+import json, os, torch, torch.distributed as dist
+from cosmos_train.plan.measure import measure_peak
+from cosmos_train.plan.planner import Hardware, plan
+from cosmos_train.runtime.mesh import build_parallel_dims
+from cosmos_train.spec import load_spec
+local = int(os.environ["LOCAL_RANK"]); torch.cuda.set_device(local)
+dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+device = torch.device("cuda", local)
+# 2B with the space-to-depth tokenizer (48 latent channels) on 93 x 176 x 320 clips: the same
+# 24 x 44 x 80 tokens as 720p through the Wan2.1 VAE, which is not bundled yet.
+base = ['model.preset="2b"', "model.architecture.latent_channels=48", 'trainer.device="cuda"',
+        'trainer.precision="bf16"', "data.num_frames=93", "data.video_size=[176, 320]", "data.batch_size=1",
+        "parallel.activation_checkpointing=true"]
+rows = []
+for train in ("full", "lora"):
+    spec = load_spec("examples/tiny.toml", base + [f'model.train_architecture="{train}"'])
+    dims = build_parallel_dims(spec.parallel, dist.get_world_size()); dims.build_mesh("cuda")
+    measured = measure_peak(spec, dims, device)
+    p = plan(spec, Hardware(world=dist.get_world_size(), gpus_per_node=dist.get_world_size(),
+                            gpu_mem=torch.cuda.get_device_properties(device).total_memory), compare_ac=False)
+    rows.append({"train": train, "measured_gib": round(measured / 2**30, 3), "planned_gib": round(p.peak / 2**30, 3),
+                 "error": round(p.peak / measured - 1, 4), "phase": p.peak_phase})
+    torch.cuda.empty_cache()
+if dist.get_rank() == 0:
+    print(json.dumps({"cases": rows, "worst_abs_error": max(abs(r["error"]) for r in rows)}))
+dist.destroy_process_group()
+EOF
+if [ "$NGPU" -ge 1 ]; then
+  run_check plan_vs_cuda 900 "$PY" -m torch.distributed.run --nproc_per_node=1 "$WORK/plan_vs_cuda.py"
+else
+  skip plan_vs_cuda "no GPU"
 fi
 
 # ------------------------------------------------------------------------------------------ summary

@@ -250,6 +250,47 @@ class SchedulerSpec(_Section):
 
 
 # ----------------------------------------------------------------------- trainer
+class SampleInput(_Section):
+    """One conditioning input of the training-time samples (as `infer --input/--prompt-embedding`)."""
+
+    name: str = Field(description="File stem of the sample (NAME.mp4): letters, digits, '.', '_', '-'.")
+    input: str = Field(description="Conditioning image (png/jpg) or clip (mp4: its last frames).")
+    prompt_embedding: str = Field(description="Text embedding: FILE.npy [n_tokens, 1024] or STORE.zarr:KEY.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_stem(cls, v: str) -> str:
+        if not v or v.startswith(".") or any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in v):
+            raise ValueError("must be a plain file stem: ASCII letters, digits, '.', '_' or '-', not starting with '.'")
+        return v
+
+
+class SamplesSpec(_Section):
+    """What `trainer.sample_iter` generates: the clips, the sampler settings, the weights."""
+
+    num_clips: int = Field(
+        2, gt=0, description="Without `inputs`: condition on the first frames and captions of this many "
+                             "held-out clips (training clips when data.validation_clips = 0).")
+    inputs: list[SampleInput] = Field(
+        default_factory=list, description="Given conditioning inputs instead of dataset clips.")
+    steps: int = Field(35, gt=0, description="Sampler steps (as `infer --steps`).")
+    guidance: float = Field(7.0, ge=0, description="Guidance g in x0 = cond + g (cond - uncond), 0 = none (upstream's; as `infer --guidance`).")
+    seed: int = Field(0, ge=0, description="Noise seed of the first sample; sample i uses seed + i.")
+    weights: Literal["auto", "ema", "regular"] = Field(
+        "auto", description="Sample with the EMA or the regular weights; auto = EMA when model.ema.enabled.")
+    columns: int = Field(8, gt=1, description="Evenly spaced frames per row of the contact sheet.")
+    fps: int = Field(16, gt=0, description="Frame rate of the sample mp4s.")
+
+    @field_validator("inputs")
+    @classmethod
+    def _unique_names(cls, v: list[SampleInput]) -> list[SampleInput]:
+        names = [i.name for i in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sample names must be unique (repeated: {', '.join(dup)})")
+        return v
+
+
 class TrainerSpec(_Section):
     max_iter: int = Field(1000, gt=0, description="Optimizer steps of the run.")
     logging_iter: int = Field(10, gt=0, description="Log every this many steps (losses are reduced only then).")
@@ -264,6 +305,9 @@ class TrainerSpec(_Section):
         "auto", description="Parameter dtype in compute: auto = bf16 on CUDA, fp32 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     loss_scale: float = Field(10.0, gt=0, description="Multiplier of the diffusion loss (upstream 10).")
+    sample_iter: int = Field(
+        0, ge=0, description="Generate sample clips every this many steps and at the end (0 = off); see [trainer.samples].")
+    samples: SamplesSpec = Field(default_factory=SamplesSpec, description="Training-time samples.")
     max_nonfinite_steps: int = Field(
         3, gt=0, description="Stop the run after this many consecutive NaN/inf losses (checked on logging and "
                              "saving steps).")
@@ -355,6 +399,9 @@ class ExperimentSpec(_Section):
             if heads % a2a:
                 raise ValueError(f"parallel.cp_a2a_degree: cp_mode 'hybrid' needs num_heads ({heads}) "
                                  f"divisible by cp_a2a_degree (got {a2a})")
+        if self.trainer.samples.weights == "ema" and not self.model.ema.enabled:
+            raise ValueError("trainer.samples.weights: 'ema' needs model.ema.enabled = true; "
+                             "use \"regular\" or \"auto\" (got 'ema')")
         h, w = self.data.video_size
         if self.model.tokenizer.kind == "space_to_depth":
             s2d_channels = 3 * 4 * self.model.tokenizer.spatial_factor ** 2

@@ -37,6 +37,7 @@ from cosmos_train.models.parallelize import build_dit, parallelize_dit
 from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.nonfinite import NonFiniteGuard
 from cosmos_train.optim import apply_optimizer_spec, build_optimizer, build_scheduler, step_unless_nonfinite
+from cosmos_train.plan.startup import log_startup_plan
 from cosmos_train.preemption import Preemption
 from cosmos_train.run_dir import SPEC_FILE, data_cache_dir, prepare_run_dir
 from cosmos_train.run_lock import RunLock
@@ -44,6 +45,7 @@ from cosmos_train.runtime.distributed import configure_logging, distributed, log
 from cosmos_train.runtime.fsdp import clip_grad_norm, mixed_precision_dtypes, set_gradient_sync
 from cosmos_train.runtime.memory import peak_memory_gb
 from cosmos_train.runtime.mesh import ParallelDims, build_parallel_dims
+from cosmos_train.samples import TrainingSamples
 from cosmos_train.spec import ExperimentSpec
 from cosmos_train.train_log import TrainLog
 
@@ -111,6 +113,7 @@ class _Window:
     grad_norm: float = float("nan")  # of the last synced step
     start: float = field(default_factory=time.perf_counter)
     saves: int = 0  # index into Checkpointer.stats at the window start
+    sample_s: float = 0.0  # time spent sampling clips (not training: left out of iter/s)
 
 
 class Trainer:
@@ -148,6 +151,10 @@ class Trainer:
             self.val_loader = build_dataloader(spec.data, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
                                                seed=spec.job.seed, cache_dir=cache_dir, split="val")
         self.batches = _Batches(self.loader, self.tokenizer, device)
+        self.samples = None
+        if tr.sample_iter:  # inputs are read now: a missing file fails before training starts
+            self.samples = TrainingSamples(spec, run_dir, tokenizer=self.tokenizer, device=device, dp_rank=dims.dp_rank,
+                                           dp_size=dims.dp_size, cp_rank=dims.cp_rank, cache_dir=cache_dir)
         self.generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, dims.dp_rank))
         self.state = TrainerState(seed=spec.job.seed, generator=self.generator, sampler=self.loader)
         lora_only = lora is not None and spec.checkpoint.save_adapters_only
@@ -221,29 +228,40 @@ class Trainer:
 
     def _log(self, tlog: TrainLog, lr: float) -> None:
         w, done = self._window, self.step_count
-        elapsed = time.perf_counter() - w.start
+        elapsed = time.perf_counter() - w.start - w.sample_s
         blocked = sum(s.blocking_s for s in self.ckpt.stats[w.saves:])
         tlog.write(done, {"loss": w.loss_sum / w.steps, "lr": lr, "grad_norm": w.grad_norm,
                           "iter_per_s": w.steps / elapsed, "samples_per_s": w.steps * self._samples_per_step / elapsed,
-                          "ckpt_blocking_s": blocked, "peak_mem_gb": peak_memory_gb(self.device)})
+                          "ckpt_blocking_s": blocked, "sample_s": w.sample_s, "peak_mem_gb": peak_memory_gb(self.device)})
         self._window = _Window(saves=len(self.ckpt.stats))
 
-    def validation_loss(self) -> float:
-        """Mean diffusion loss over the held-out clips at the fixed `trainer.validation_sigmas`."""
+    def validation_loss(self) -> dict[str, float]:
+        """Mean diffusion loss over the held-out clips, overall ("loss") and at each of the fixed
+        `trainer.validation_sigmas` ("loss_sigma_<sigma>")."""
         spec = self.spec
+        sigmas = spec.trainer.validation_sigmas
         generator = torch.Generator().manual_seed(derived_seed(spec.job.seed, 0, self.dims.dp_rank))
-        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        totals, batches = torch.zeros(len(sigmas), dtype=torch.float64, device=self.device), 0
         with torch.no_grad():
             for batch in self.val_loader:
                 latent = self.tokenizer.encode(batch["video"].to(self.device))
                 emb = batch["t5_text_embeddings"].to(self.device)
-                for sigma in spec.trainer.validation_sigmas:
+                for i, sigma in enumerate(sigmas):
                     loss, _ = training_loss(self.model, latent, emb, None, generator=generator,
                                             num_condition_frames=spec.model.num_condition_frames, text_dropout=0.0,
                                             loss_scale=spec.trainer.loss_scale, sigma_override=sigma)
-                    total += loss.double()
-                    count += 1
-        return _sum_over_ranks((total / max(count, 1)).reshape(1)).item() / world_size()
+                    totals[i] += loss.double()
+                batches += 1
+        means = (_sum_over_ranks(totals / max(batches, 1)) / world_size()).tolist()  # one all-reduce
+        return {"loss": sum(means) / len(means), **{f"loss_sigma_{s:g}": m for s, m in zip(sigmas, means)}}
+
+    def _sample(self, tlog: TrainLog) -> None:
+        """Sample clips at this step (`trainer.sample_iter`); the time goes to the log, not to iter/s."""
+        report = self.samples.run(self.model, self.ema, self.step_count)
+        self._window.sample_s += report.seconds
+        tlog.write(self.step_count, {"seconds": report.seconds, "clips": len(self.samples.inputs)}, kind="sample")
+        tlog.media(self.step_count, videos=report.videos,
+                   images={"contact_sheet": report.sheet} if report.sheet else {})
 
     # ----------------------------------------------------------------------------- save
     def save(self, *, force: bool = False) -> bool:
@@ -299,13 +317,16 @@ class Trainer:
             if self._is_sync_step():
                 stop = self._sync(result)
                 tlog.step(done, f"loss {result.losses[done]:.4f}")
-                if done % tr.logging_iter == 0 or done == tr.max_iter or stop:
-                    self._log(tlog, lr)
             else:
                 tlog.step(done)
+            if self.samples is not None and self.samples.due(done) and not stop:  # after a signal: save first
+                self._sample(tlog)
+            if self._is_sync_step() and (done % tr.logging_iter == 0 or done == tr.max_iter or stop):
+                self._log(tlog, lr)
             if self.val_loader is not None and done % tr.validation_iter == 0:
-                val = result.val_losses[done] = self.validation_loss()
-                tlog.write(done, {"loss": val, "sigmas": len(tr.validation_sigmas)}, kind="val")
+                val = self.validation_loss()
+                result.val_losses[done] = val["loss"]
+                tlog.write(done, val, kind="val")
             if stop:
                 self.save(force=True)
                 result.preempted = True
@@ -334,6 +355,7 @@ def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_ch
                 # our own half-written saves first: on a full disk they hold the space the spec needs
                 remove_partial(checkpoints_dir(run_dir))
                 prepare_run_dir(spec, run_dir)
+                log_startup_plan(spec, world=info.world_size, device=info.device)
             except CosmosTrainError as e:
                 lock.release()
                 problem = e

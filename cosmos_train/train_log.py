@@ -78,6 +78,16 @@ class TrainLog:
         else:
             log(line)
 
+    def media(self, step: int, *, videos: dict[str, Path], images: dict[str, Path]) -> None:
+        """Log sample videos (mp4 files) and images (PNG files) to W&B, when it is on."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        media = {f"samples/{name}": wandb.Video(str(path), format="mp4") for name, path in videos.items()}
+        media.update({f"samples/{name}": wandb.Image(str(path)) for name, path in images.items()})
+        self._wandb.log(media, step=step)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cosmos_train.cli import consolidate, data, infer, inspect, run_cmds, spec_cmds
+from cosmos_train.cli import consolidate, data, infer, inspect, plan, plot, run_cmds, spec_cmds
 
 app = typer.Typer(
     name="cosmos-train",
@@ -21,9 +21,11 @@ app.command()(consolidate.consolidate)
 app.command()(consolidate.convert)
 app.command()(infer.infer)
 app.command()(inspect.inspect)
+app.command()(plot.plot)
 app.command()(spec_cmds.validate)
 app.command()(spec_cmds.show)
 app.command()(spec_cmds.schema)
+app.command()(plan.plan)
 app.add_typer(data.app, name="data", help="Check a dataset; convert upstream T5 embeddings.")
 
 
