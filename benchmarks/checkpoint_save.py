@@ -7,7 +7,9 @@ to one file), i.e. the disk limit; and torch's own `dcp.async_save` (thread writ
 default stager) of the model state dict, whose blocking time the async modes are held
 to. Measured with the project's Checkpointer:
 sync save (async_mode=off), async blocking and total, async_pinned blocking and
-total (its second save reuses the staging buffers), and resume (load). Prints JSON.
+total (its second save reuses the staging buffers), and resume (load). The cost of
+verifying CRCs while loading is measured against torch's own FileSystemReader on the
+same model part, page cache warm (`load_verify_overhead`). Prints JSON.
 
 Load against raw read: before each cold measurement the files' pages are evicted
 from the page cache with posix_fadvise(DONTNEED) (no root needed; works for clean
@@ -170,6 +172,7 @@ def _bench(rank, world, root, gb):
     ck.close()
     same = all(torch.equal(a.to_local(), c.to_local()) for a, c in zip(model.parameters(), model2.parameters()))
     out["load_s"], out["load_gbps"], out["load_bitwise_equal"] = load_s, total_bytes / load_s / 1e9, same
+    out.update(_load_verify_cost(model2, root / "off", total_bytes))
 
     # Cold: raw read of the DCP files vs resume, page cache evicted before each.
     it_dir = sorted((root / "off" / "checkpoints").glob("iter_*"))[-1]
@@ -232,6 +235,45 @@ def _bench(rank, world, root, gb):
     out["ratio_async_blocking_vs_torch"] = out["async_blocking_s"] / out["torch_async_save_blocking_s"]
     out["ratio_async_pinned_blocking_vs_torch"] = out["async_pinned_blocking_s"] / out["torch_async_save_blocking_s"]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _load_verify_cost(model, run_dir: Path, total_bytes: float) -> dict:
+    """Model-part load: torch's FileSystemReader (no checks) vs SafeReader + CRC check while reading.
+
+    Same checkpoint, page cache warm for both (each measured 3x alternately, best kept).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from cosmos_train.checkpoint.collectives import agree
+    from cosmos_train.export.dcp_safe import SafePlanner, SafeReader
+    from cosmos_train.checkpoint.integrity import read_manifest, verify_reads
+
+    it = run_dir / "checkpoints" / "iter_000000001"
+    sd = {"net." + k: v for k, v in get_model_state_dict(model).items()}
+
+    def plain():
+        dcp.load(sd, storage_reader=FileSystemReader(it / "model"))
+
+    def verified():
+        reader = SafeReader(it / "model")
+        dcp.load(sd, storage_reader=reader, planner=SafePlanner(source=it / "model"))
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, reader.segments)
+        problems = verify_reads(it, "model", shares, read_manifest(it)) if dist.get_rank() == 0 else None
+        assert not agree(problems), problems
+
+    best = {"plain": float("inf"), "verified": float("inf")}
+    for _ in range(3):
+        for name, fn in (("plain", plain), ("verified", verified)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], _max(time.perf_counter() - t0))
+    return {"load_model_torch_s": best["plain"], "load_model_verified_s": best["verified"],
+            "load_model_verified_gbps": total_bytes / best["verified"] / 1e9,
+            "load_verify_overhead": best["verified"] / best["plain"] - 1}
 
 
 def main() -> None:

@@ -13,3 +13,8 @@ class SpecError(CosmosTrainError):
 
 class CheckpointError(CosmosTrainError):
     """A checkpoint is missing, partial or corrupt; the message names the file."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed checkpoint's bytes are damaged (checksum mismatch, unreadable item); the
+    message names the file. `checkpoint.fallback_to_previous` applies to it."""

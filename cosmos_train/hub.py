@@ -8,6 +8,7 @@ else is a folder (`snapshot_download` of `path/**`). Files land in huggingface_h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cosmos_train.errors import CheckpointError, CosmosTrainError
@@ -29,17 +30,33 @@ def hf_fetch(spec: str, *, cache_dir: str | Path | None = None, offline: bool = 
     org, repo, inner = parts
     repo, _, revision = repo.partition("@")
     repo_id = f"{org}/{repo}"
+    if any(c in ("", ".", "..") for c in inner.split("/")) or "\\" in inner or org in (".", "..") \
+            or repo in (".", ".."):
+        raise CheckpointError(f"{spec}: the path inside the repo must be plain names (no '.', '..', '//' or "
+                              f"'\\'); it may not leave the repository")
     try:
         if inner.endswith(FILE_SUFFIXES):
             return Path(hf_hub_download(repo_id, inner, revision=revision or None, cache_dir=cache_dir,
                                         local_files_only=offline))
         root = snapshot_download(repo_id, revision=revision or None, cache_dir=cache_dir,
                                  allow_patterns=[f"{inner.rstrip('/')}/**"], local_files_only=offline)
-        return Path(root) / inner
     except (OSError, ValueError, EntryNotFoundError, HTTPError) as e:  # offline miss, 404, auth, bad repo id
         hint = " (offline: only the local cache is used; download it once online)" if offline else ""
         raise CheckpointError(f"{spec}: cannot fetch from the Hugging Face Hub: {type(e).__name__}: {e}{hint}") \
             from e
+    return inside_snapshot(Path(root), inner, spec)
+
+
+def inside_snapshot(root: Path, inner: str, spec: str) -> Path:
+    """`root/inner`, normalised, and refused unless it stays strictly inside the snapshot `root`.
+
+    (Snapshot files are symlinks into the cache's blobs/, so the lexical path is what is checked.)
+    """
+    root = Path(os.path.abspath(root))
+    target = Path(os.path.normpath(root / inner))
+    if target == root or root not in target.parents:
+        raise CheckpointError(f"{spec}: resolves to {target}, outside the downloaded snapshot {root}")
+    return target
 
 
 def resolve_local(path: str | Path, *, cache_dir: str | Path | None = None, offline: bool = False) -> Path:

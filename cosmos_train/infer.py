@@ -9,6 +9,7 @@ targets from `adapter_config.json`), so nobody repeats them by hand. Weights loa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,13 @@ def load_embedding(ref: str, *, width: int | None = None) -> tuple[torch.Tensor,
 def _load_npy_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.exists():
         raise CosmosTrainError(f"{path}: embedding file not found (expected .npy [n_tokens, 1024] or STORE.zarr:KEY)")
-    array = np.load(path, allow_pickle=False)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # not .npy, object dtype (needs pickle), truncated
+        raise CosmosTrainError(f"{path}: not a numeric .npy embedding ({e})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise CosmosTrainError(f"{path}: expected a float array [n_tokens, dim] (got "
+                               f"{getattr(array, 'dtype', type(array).__name__)})")
     if array.ndim != 2 or not 0 < array.shape[0] <= MAX_TEXT_TOKENS:
         raise CosmosTrainError(f"{path}: expected an array [n_tokens <= {MAX_TEXT_TOKENS}, dim] (got {array.shape})")
     emb = torch.zeros(MAX_TEXT_TOKENS, array.shape[1], dtype=torch.float32)
@@ -104,7 +111,9 @@ def read_condition_frames(path: Path, size: tuple[int, int], count: int) -> torc
     frames: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
+            if not container.streams.video:
+                raise CosmosTrainError(f"{path}: has no video stream (expected an image or a clip)")
+            for frame in container.decode(container.streams.video[0]):
                 frames = (frames + [frame.to_ndarray(format="rgb24")])[-count:]
     except av.FFmpegError as e:
         raise CosmosTrainError(f"{path}: cannot decode ({e})") from None
@@ -168,12 +177,30 @@ def _device(name: str, info) -> torch.device:
     return torch.device(name)
 
 
+def check_request(req: InferenceRequest) -> None:
+    """The flag values that cannot sample a clip, as one-line errors naming the flag (before any loading)."""
+    if req.steps < 1:
+        raise CosmosTrainError(f"--steps: must be >= 1 (got {req.steps})")
+    if not math.isfinite(req.guidance):
+        raise CosmosTrainError(f"--guidance: must be a finite number (got {req.guidance})")
+    if req.fps < 1:
+        raise CosmosTrainError(f"--fps: must be >= 1 (got {req.fps})")
+    if req.num_frames is not None and (req.num_frames < 1 or (req.num_frames - 1) % 4):
+        raise CosmosTrainError(f"--num-frames: must be 4k+1 (got {req.num_frames})")
+    out = Path(req.output)
+    if out.is_dir():
+        raise CosmosTrainError(f"--output {out}: is a directory; give a file name such as {out / 'sample.mp4'}")
+    if not Path(req.input).is_file():
+        raise CosmosTrainError(f"--input {req.input}: no such file (expected an image or an mp4)")
+
+
 def infer(req: InferenceRequest) -> Path:
     """Sample one clip conditioned on `req.input` and write it to `req.output` (mp4).
 
     Under torchrun the processes form one context-parallel group over the latent frames
     (every rank computes the same sample; rank 0 writes the file).
     """
+    check_request(req)
     with distributed(ParallelSpec(), device=req.device) as info:
         return _infer(req, info)
 
@@ -227,8 +254,12 @@ def _infer(req: InferenceRequest, info) -> Path:
         frames = tokenizer.decode(latent)[0].permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp.mp4")
-        write_mp4(tmp, frames, fps=req.fps, lossless=req.lossless)
-        tmp.replace(out)
+        try:
+            write_mp4(tmp, frames, fps=req.fps, lossless=req.lossless)
+            tmp.replace(out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written clip left behind
+            raise
         log(f"wrote {out}: {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}")
     if info.world_size > 1:
         dist.barrier()

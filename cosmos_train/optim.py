@@ -78,6 +78,31 @@ class SpecLambdaLR(LambdaLR):
         super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
 
 
+def apply_optimizer_spec(opt: OptimizerSpec, optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> list[str]:
+    """After a resume: make the spec's AdamW hyperparameters the ones that train; returns what changed.
+
+    The restored optimizer/scheduler state carries the lr (as the scheduler's base), betas, eps
+    and weight decay of the run that saved; without this a `resume ... optimizer.lr=...` override
+    would be written into spec.toml yet ignored. Unchanged values are left alone (bit-exact resume).
+    """
+    changed = []
+    want = {"betas": tuple(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}
+    for name, value in want.items():
+        old = {tuple(g[name]) if name == "betas" else g[name] for g in optimizer.param_groups}
+        if old != {value}:
+            changed.append(f"optimizer.{name}: {sorted(old)[0]} -> {value}")
+            for g in optimizer.param_groups:
+                g[name] = value
+    if any(b != opt.lr for b in scheduler.base_lrs):
+        changed.append(f"optimizer.lr: {scheduler.base_lrs[0]} -> {opt.lr}")
+        scheduler.base_lrs = [opt.lr] * len(scheduler.base_lrs)
+        for g, fn in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            g["initial_lr"] = opt.lr
+            g["lr"] = opt.lr * fn(scheduler.last_epoch)  # what LambdaLR.get_lr computes
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return changed
+
+
 def build_scheduler(sch: SchedulerSpec, optimizer: torch.optim.Optimizer) -> LambdaLR:
     """A LambdaLR whose multiplier follows the spec; its state_dict holds only counters."""
     fn = LambdaLinear(sch) if sch.kind == "lambdalinear" else _constant

@@ -10,13 +10,11 @@ the architecture.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cosmos_train.errors import SpecError
+from cosmos_train.errors import CosmosTrainError, SpecError
 from cosmos_train.spec import ExperimentSpec, load_spec
 
 SPEC_FILE = "spec.toml"
@@ -60,16 +58,34 @@ def architecture_changes(old: ExperimentSpec, new: ExperimentSpec) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run dir; a path component that is a file (e.g. job.output_root) is a user error."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
+        raise SpecError(f"{blocker}: is a file, so the run directory {run_dir} cannot be created "
+                        "(check job.output_root and the job names)") from None
+    except PermissionError as e:
+        raise SpecError(f"{run_dir}: cannot create the run directory ({e.strerror}); check job.output_root") \
+            from None
+
+
 def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:
     """Write the resolved spec atomically as RUN_DIR/spec.toml (it holds no secrets)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from cosmos_train.checkpoint.layout import atomic_write_text
+
+    from cosmos_train.disk import disk_full_message, is_disk_full
+
+    make_run_dir(run_dir)
     path = run_dir / SPEC_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".spec.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(spec.to_toml())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = spec.to_toml()
+    try:
+        atomic_write_text(path, text)  # the temp file is removed on any error
+    except OSError as e:
+        if is_disk_full(e):
+            raise CosmosTrainError(disk_full_message(path, need=len(text.encode()), what="the run's spec")) from None
+        raise
     return path
 
 
@@ -78,9 +94,17 @@ def prepare_run_dir(spec: ExperimentSpec, run_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir) if run_dir is not None else spec.run_dir()
     saved = run_dir / SPEC_FILE
     if saved.exists():
-        changes = architecture_changes(load_spec(saved), spec)
+        old = load_spec(saved)
+        changes = architecture_changes(old, spec)
         if changes:
             raise SpecError(f"{saved}: the run was created with another architecture; start a new run "
                             "(job.name=...) or restore these fields:\n" + "\n".join(changes))
+        from cosmos_train.checkpoint.layout import checkpoints_dir, committed_iterations
+
+        if old.job.seed != spec.job.seed and committed_iterations(checkpoints_dir(run_dir)):
+            # the checkpoint's RNG streams and data order win; spec.toml must not claim another seed
+            raise SpecError(f"{saved}: job.seed: fixed once a run has checkpoints (the data order and random "
+                            f"streams continue from them): {old.job.seed} -> {spec.job.seed}; start a new run "
+                            f"(job.name=...) to change it")
     write_spec(spec, run_dir)
     return run_dir

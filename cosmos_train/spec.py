@@ -24,7 +24,18 @@ OUTPUT_ROOT_ENV = "COSMOS_TRAIN_OUTPUT_ROOT"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: lr = inf, eps = inf or loss_scale = nan validate as numbers but cannot train.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_VIDEO_SIDE = 16384  # pixels; larger frames are a typo (and would exhaust memory before any error)
+
+
+def _path_component(v: str) -> str:
+    """A run-dir level must be one plain name, so the run dir stays inside job.output_root."""
+    if not v or v in (".", "..") or "/" in v or "\\" in v or "\0" in v:
+        raise ValueError("must be a single directory name (not empty, '.', '..', and no '/' or '\\')")
+    return v
 
 
 # --------------------------------------------------------------------------- job
@@ -37,6 +48,11 @@ class JobSpec(_Section):
     seed: int = Field(0, ge=0, description="Seed for model init, data order and noise.")
     wandb_mode: Literal["online", "offline", "disabled"] = Field(
         "disabled", description="Weights & Biases mode; offline writes into the run directory.")
+
+    @field_validator("project", "group", "name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        return _path_component(v)
 
 
 # ------------------------------------------------------------------------- model
@@ -178,6 +194,8 @@ class DataSpec(_Section):
     text_dropout: float = Field(0.2, ge=0, le=1, description="Probability of dropping the text embedding.")
     short_clips: Literal["skip", "error"] = Field(
         "skip", description="Clips shorter than num_frames: skip with one warning, or fail.")
+    bad_clips: Literal["skip", "error"] = Field(
+        "skip", description="Clips that fail to decode: skip (the next clip stands in, one warning each), or fail.")
     num_synthetic_clips: int = Field(8, gt=0, description="Clips generated for kind = 'synthetic'.")
     validation_clips: int = Field(0, ge=0, description="Clips held out for the validation loss.")
     latents: Literal["auto", "cached", "video"] = Field(
@@ -195,8 +213,8 @@ class DataSpec(_Section):
     @field_validator("video_size")
     @classmethod
     def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) <= 0:
-            raise ValueError("both sizes must be > 0")
+        if min(v) <= 0 or max(v) > MAX_VIDEO_SIDE:
+            raise ValueError(f"both sizes must be in 1..{MAX_VIDEO_SIDE}")
         return v
 
     @property
@@ -249,6 +267,13 @@ class SchedulerSpec(_Section):
             if w < 0 or length <= 0 or w > length:
                 raise ValueError(f"need 0 <= warm_up_steps <= cycle_lengths (got {w} and {length})")
         return self
+
+    @field_validator("f_start", "f_max", "f_min")
+    @classmethod
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        if any(f < 0 for f in v):
+            raise ValueError("multipliers must be >= 0")
+        return v
 
 
 # ----------------------------------------------------------------------- trainer
@@ -310,6 +335,16 @@ class TrainerSpec(_Section):
     sample_iter: int = Field(
         0, ge=0, description="Generate sample clips every this many steps and at the end (0 = off); see [trainer.samples].")
     samples: SamplesSpec = Field(default_factory=SamplesSpec, description="Training-time samples.")
+    max_nonfinite_steps: int = Field(
+        3, gt=0, description="Stop the run after this many consecutive NaN/inf losses (checked on logging and "
+                             "saving steps).")
+
+    @field_validator("validation_sigmas")
+    @classmethod
+    def _positive_sigmas(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("noise levels must be > 0")
+        return v
 
 
 # ---------------------------------------------------------------------- parallel
@@ -433,6 +468,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory; expected a TOML spec file") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a TOML spec file") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: TOML syntax error: {e}") from None
 

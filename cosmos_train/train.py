@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from cosmos_train.checkpoint.collectives import agree
+from cosmos_train.checkpoint.layout import checkpoints_dir, remove_partial
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.checkpoint.trainer_state import TrainerState, derived_seed
 from cosmos_train.data.loader import build_dataloader
@@ -33,10 +35,12 @@ from cosmos_train.models.diffusion import training_loss
 from cosmos_train.models.ema import PowerEMA
 from cosmos_train.models.parallelize import build_dit, parallelize_dit
 from cosmos_train.models.tokenizer import build_tokenizer
-from cosmos_train.optim import build_optimizer, build_scheduler, step_unless_nonfinite
+from cosmos_train.nonfinite import NonFiniteGuard
+from cosmos_train.optim import apply_optimizer_spec, build_optimizer, build_scheduler, step_unless_nonfinite
 from cosmos_train.plan.startup import log_startup_plan
 from cosmos_train.preemption import Preemption
 from cosmos_train.run_dir import SPEC_FILE, data_cache_dir, prepare_run_dir
+from cosmos_train.run_lock import RunLock
 from cosmos_train.runtime.distributed import configure_logging, distributed, log, warn, world_size
 from cosmos_train.runtime.fsdp import clip_grad_norm, mixed_precision_dtypes, set_gradient_sync
 from cosmos_train.runtime.memory import peak_memory_gb
@@ -169,6 +173,8 @@ class Trainer:
         self.grad_norm = torch.zeros((), device=device)  # of the last step, before clipping
         self._window = _Window()
         self._samples_per_step = spec.data.batch_size * dims.dp_size * tr.grad_accum_iter
+        self.guard = NonFiniteGuard(tr.max_nonfinite_steps, device)  # read on sync and saving steps only
+        self._guard_checked = -1  # the step whose sync last read the guard
 
     # ------------------------------------------------------------------------- one step
     def step(self) -> None:
@@ -187,6 +193,7 @@ class Trainer:
                                     text_dropout=self.spec.data.text_dropout, loss_scale=tr.loss_scale)
             (loss * (self.dims.cp / tr.grad_accum_iter)).backward()
             loss_sum += loss.detach()
+        self.guard.update(loss_sum)
         self.grad_norm = clip_grad_norm(self.params, tr.grad_clip)
         step_unless_nonfinite(self.optimizer, self.grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,7 +216,8 @@ class Trainer:
         w, world = self._window, world_size()
         n = len(w.pending_losses)
         flag = torch.tensor([1.0 if self.preemption.requested else 0.0], dtype=torch.float64, device=self.device)
-        local = torch.cat([torch.stack(w.pending_losses).double(), torch.stack(w.pending_skipped), flag])
+        local = torch.cat([torch.stack(w.pending_losses).double(), torch.stack(w.pending_skipped), flag,
+                           self.guard.take_flag()])  # NaN-streak flag: the same all-reduce
         norm = self.grad_norm.detach().to(self.device, torch.float64).reshape(1)
         values = torch.cat([_sum_over_ranks(local), norm]).tolist()
         first = self.step_count - n + 1
@@ -222,6 +230,8 @@ class Trainer:
         w.grad_norm = values[-1]
         w.pending_losses.clear()
         w.pending_skipped.clear()
+        self._guard_checked = self.step_count
+        self.guard.raise_if(values[2 * n + 1], self.step_count)  # a diverged run stops here
         return values[2 * n] > 0
 
     def _log(self, tlog: TrainLog, lr: float) -> None:
@@ -263,7 +273,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- save
     def save(self, *, force: bool = False) -> bool:
-        """Checkpoint the current step (every `checkpoint.save_iter` steps, or now with `force`)."""
+        """Checkpoint the current step (every `checkpoint.save_iter` steps, or now with `force`).
+
+        A run whose loss was NaN/inf for `trainer.max_nonfinite_steps` steps stops here instead.
+        """
+        saving = force or self.step_count % self.spec.checkpoint.save_iter == 0
+        if saving and self._guard_checked != self.step_count:  # not already checked by this step's sync
+            self.guard.check(self.step_count)
         return self.ckpt.save(self.step_count, force=force)
 
     # -------------------------------------------------------------------------- the loop
@@ -274,6 +290,9 @@ class Trainer:
         if require_checkpoint and start == 0:
             raise CosmosTrainError(f"{self.run_dir}: no committed checkpoint to resume from "
                                    f"(start it with `cosmos-train run {self.run_dir / SPEC_FILE}`)")
+        if start > 0:  # the spec (with any resume overrides) trains, not the restored hyperparameters
+            for change in apply_optimizer_spec(self.spec.optimizer, self.optimizer, self.scheduler):
+                log(f"resume: {change} (from the spec; the checkpoint had the old value)")
         _sync_generator(self.generator, self.dims)
         result = TrainResult(run_dir=self.run_dir, start_step=start, end_step=start)
         if start >= tr.max_iter:
@@ -336,12 +355,26 @@ def train(spec: ExperimentSpec, *, run_dir: Path | str | None = None, require_ch
         dims = build_parallel_dims(spec.parallel, info.world_size)
         dims.build_mesh(info.device.type)
         run_dir = Path(run_dir) if run_dir is not None else spec.run_dir()
-        if info.is_main:
-            prepare_run_dir(spec, run_dir)
-            log_startup_plan(spec, world=info.world_size, device=info.device)
-        dist.barrier()
-        trainer = Trainer(spec, dims, info.device, run_dir, is_main=info.is_main, show_progress=show_progress)
+        lock = RunLock(run_dir)
+        problem = None
+        if info.is_main:  # rank 0 holds the run dir for the whole run; every rank learns a refusal
+            try:
+                lock.acquire()
+                # our own half-written saves first: on a full disk they hold the space the spec needs
+                remove_partial(checkpoints_dir(run_dir))
+                prepare_run_dir(spec, run_dir)
+                log_startup_plan(spec, world=info.world_size, device=info.device)
+            except CosmosTrainError as e:
+                lock.release()
+                problem = e
+        problem = agree(problem)
+        if problem is not None:
+            raise problem
         try:
-            return trainer.fit(require_checkpoint=require_checkpoint)
+            trainer = Trainer(spec, dims, info.device, run_dir, is_main=info.is_main, show_progress=show_progress)
+            try:
+                return trainer.fit(require_checkpoint=require_checkpoint)
+            finally:
+                trainer.close()
         finally:
-            trainer.close()
+            lock.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,11 @@ class TrainLog:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        # NaN/inf are not JSON: write null (and name the fields) so every line stays parseable
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            record.update({k: None for k in bad}, nonfinite=bad)
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items()}, step=step)

@@ -73,6 +73,7 @@ def test_infer_from_a_run_dir_writes_the_expected_clip(trained_run, tmp_path):
 
 def test_infer_needs_a_spec_for_a_bare_file(trained_run, tmp_path):
     torch.save({"net.x": torch.zeros(1)}, tmp_path / "m.pt")
+    (tmp_path / "f.png").write_bytes(b"")  # the flags are fine; the spec is what is missing
     req = InferenceRequest(checkpoint=tmp_path / "m.pt", input=tmp_path / "f.png", prompt_embedding="e.npy",
                            output=tmp_path / "o.mp4")
     with pytest.raises(CosmosTrainError, match="--spec"):

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,44 @@ def test_json_schema_describes_every_field():
     for name, model in schema["$defs"].items():
         for field, prop in model.get("properties", {}).items():
             assert prop.get("description"), f"{name}.{field} has no description"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optimizer.lr=inf", "optimizer.lr: Input should be a finite number"),
+    ("optimizer.eps=inf", "optimizer.eps: Input should be a finite number"),
+    ("trainer.loss_scale=inf", "trainer.loss_scale: Input should be a finite number"),
+    ("trainer.loss_scale=nan", "trainer.loss_scale: Input should be a finite number"),
+    ("scheduler.f_start=[-1.0]", "scheduler.f_start: multipliers must be >= 0"),
+    ("scheduler.f_min=[-0.5]", "scheduler.f_min: multipliers must be >= 0"),
+    ("trainer.validation_sigmas=[-1.0]", "trainer.validation_sigmas: noise levels must be > 0"),
+    ("trainer.validation_sigmas=[inf]", "trainer.validation_sigmas[0]: Input should be a finite number"),
+    ("data.video_size=[100000,100000]", "data.video_size: both sizes must be in 1..16384"),
+    ('job.name="../../../../escaped"', "job.name: must be a single directory name"),
+    ('job.name="/abs/path"', "job.name: must be a single directory name"),
+    ('job.name=""', "job.name: must be a single directory name"),
+    ('job.group=".."', "job.group: must be a single directory name"),
+    ('job.project="a/b"', "job.project: must be a single directory name"),
+])
+def test_values_that_cannot_train_or_escape_are_refused(tmp_path, override, fragment):
+    f = write(tmp_path / "s.toml", "")
+    with pytest.raises(SpecError, match=re.escape(fragment)):
+        load_spec(f, [override])
+
+
+def test_unreadable_spec_files_are_one_line_errors(tmp_path):
+    (tmp_path / "dir.toml").mkdir()
+    (tmp_path / "latin1.toml").write_bytes(b"[job]\nname = \"caf\xe9\"\n")
+    write(tmp_path / "child.toml", 'base = "dir.toml"\n')
+    for name, fragment in (("dir.toml", "is a directory"), ("latin1.toml", "not a UTF-8 text file"),
+                           ("child.toml", "dir.toml: is a directory")):
+        with pytest.raises(SpecError, match=re.escape(fragment)):
+            load_spec(tmp_path / name)
+
+
+def test_output_root_that_is_a_file_is_a_clear_error(tmp_path):
+    from cosmos_train.run_dir import prepare_run_dir
+
+    (tmp_path / "afile").write_text("")
+    spec = load_spec(write(tmp_path / "s.toml", f'[job]\noutput_root = "{tmp_path / "afile"}"\n'))
+    with pytest.raises(SpecError, match=r"afile: is a file, so the run directory .* cannot be created"):
+        prepare_run_dir(spec)

@@ -41,7 +41,8 @@ def list_iteration_rows(ckpt_dir: str | Path) -> list[IterationRow]:
     latest = layout.read_latest(ckpt_dir)
     rows = []
     for e in layout.list_iterations(ckpt_dir):
-        status = "committed" if e.committed else ("partial" if e.partial else "upstream")
+        status = ("committed" if e.committed else "partial" if e.partial else
+                  "uncommitted" if e.uncommitted else "upstream")
         mtime = _dt.datetime.fromtimestamp(e.path.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
         rows.append(IterationRow(e.step, e.path.name, status, _size(e.path), mtime,
                                  latest is not None and e.path == latest))
@@ -84,13 +85,13 @@ def read_back(iter_dir: str | Path) -> list[str]:
         try:
             src = DcpSource(d, check_files=False)
         except CheckpointError as e:
-            problems.append(f"{d}/.metadata: unreadable ({e})")
+            problems.append(str(e))  # names the file (refused, unreadable, missing shard)
             continue
         for key in sorted(src.entries):
             try:
                 src.load([key])
             except CheckpointError as e:
-                problems.append(f"{d}: tensor {key} cannot be read ({type(e.__cause__).__name__})")
+                problems.append(f"{d}: tensor {key} cannot be read ({e.__cause__ and type(e.__cause__).__name__ or e})")
     return problems
 
 

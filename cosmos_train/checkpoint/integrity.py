@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from cosmos_train.checkpoint.layout import COMMITTED_MARKER, PARTS
+from cosmos_train.checkpoint.layout import COMMITTED_MARKER, MANIFEST_FILE, PARTS, read_manifest  # noqa: F401
 from cosmos_train.errors import CheckpointError
 
-MANIFEST_FILE = "MANIFEST.json"
+log = logging.getLogger(__name__)
+
 MANIFEST_FORMAT = 1
 ALGORITHM = "crc32"
 _CHUNK = 8 << 20
@@ -125,30 +127,18 @@ def write_manifest(iter_dir: str | Path, entries: dict[str, dict], *, extra: dic
     return path
 
 
-def read_manifest(iter_dir: str | Path) -> dict | None:
-    """The parsed manifest, or None if the iteration has none (upstream checkpoint)."""
-    p = Path(iter_dir) / MANIFEST_FILE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: manifest is not valid JSON ({e})") from None
-
-
 def _dcp_metadata_problems(part_dir: Path) -> list[str]:
     """Every shard file named in the part's `.metadata` exists and is long enough."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+    from cosmos_train.export.dcp_safe import read_metadata_file
     from cosmos_train.export.dcp_source import shard_problems
 
     meta_path = part_dir / ".metadata"
     if not meta_path.is_file():
         return [f"{meta_path}: missing DCP metadata file"]
     try:
-        md = FileSystemReader(str(part_dir)).read_metadata()
-    except Exception as e:  # unpickling a truncated/garbage file raises many kinds of errors
-        return [f"{meta_path}: unreadable DCP metadata ({type(e).__name__}: {e})"]
+        md = read_metadata_file(meta_path)
+    except CheckpointError as e:
+        return [str(e)]
     return shard_problems(part_dir, md)
 
 
@@ -166,6 +156,10 @@ def verify(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:
         manifest = read_manifest(root)
     except CheckpointError as e:
         manifest, problems = None, [str(e)]
+    if manifest is None and not problems and (root / COMMITTED_MARKER).is_file():
+        # COMMITTED is only ever written by this toolkit, always after the manifest: its absence is damage
+        problems.append(f"{root / MANIFEST_FILE}: missing, but the iteration is committed (this toolkit writes "
+                        f"the manifest before {COMMITTED_MARKER}); integrity cannot be checked")
     if manifest is not None:
         for rel, want in manifest.get("files", {}).items():
             f = root / rel
@@ -183,6 +177,41 @@ def verify(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:
     for part in parts:
         problems += [p for p in _dcp_metadata_problems(root / part) if p not in problems]
     return problems
+
+
+def adopt_uncommitted(ckpt_dir: str | Path) -> list[Path]:
+    """Commit every marker-less `iter_X` whose manifest fully verifies; warn about (and keep) the rest.
+
+    Such a dir is complete when a crash fell between its rename and its marker (the manifest
+    is written before the rename). Returns the iterations committed here.
+    """
+    from cosmos_train.checkpoint import layout
+
+    adopted = []
+    for it in layout.uncommitted_dirs(ckpt_dir):
+        problems = verify(it) if (it / MANIFEST_FILE).is_file() else [f"{it / MANIFEST_FILE}: missing"]
+        if problems:
+            log.warning("%s has no %s marker and is not complete (%s); kept, not loaded", it, COMMITTED_MARKER,
+                        problems[0])
+            continue
+        layout.atomic_write_text(it / COMMITTED_MARKER, "committed\n")
+        adopted.append(it)
+        log.warning("%s had no %s marker but its manifest verifies (a crash between rename and marker): "
+                    "committed it", it, COMMITTED_MARKER)
+    if adopted:
+        newest = layout.committed_iterations(ckpt_dir)[-1][1]
+        layout.atomic_write_text(Path(ckpt_dir) / layout.LATEST_FILE, newest.name + "\n")
+    return adopted
+
+
+def checks_run(iter_dir: str | Path, *, checksums: bool = True) -> list[str]:
+    """What `verify` (plus a read-back) checks for this iteration, for reports such as `inspect --verify`."""
+    root = Path(iter_dir)
+    if (root / MANIFEST_FILE).is_file():
+        done = ["manifest (every file present, sizes)"] + (["CRC32 of every file"] if checksums else [])
+    else:
+        done = ["no manifest (upstream checkpoint): file checksums not available"]
+    return done + ["DCP metadata against shard files"]
 
 
 def check_loadable(iter_dir: str | Path, parts: tuple[str, ...] = PARTS) -> None:

@@ -16,10 +16,16 @@ previous latest checkpoint intact and findable.
 Upstream (Cosmos) iteration directories carry no marker; they are loadable when
 named explicitly, and a `checkpoints/` dir without any marker at all is treated as
 an upstream one (the latest file is trusted).
+
+Only what this toolkit knows it left half-written is ever removed: its own
+`iter_X.tmp-*` / `iter_X.deleting-*` names. An `iter_X` without the marker (a crash
+between rename and marker, or an upstream iteration beside committed ones) is kept
+with a warning; `integrity.adopt_uncommitted` commits it if its manifest verifies.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIRNAME = "checkpoints"
 LATEST_FILE = "latest_checkpoint.txt"
 COMMITTED_MARKER = "COMMITTED"
+MANIFEST_FILE = "MANIFEST.json"  # written by checkpoint.integrity before the marker
 SPEC_FILE = "spec.toml"
 PARTS = ("model", "optim", "scheduler", "trainer")
 
@@ -89,7 +96,8 @@ class IterationEntry:
     step: int
     path: Path
     committed: bool
-    partial: bool  # a .tmp-/.deleting- leftover, or a renamed dir without marker
+    partial: bool  # a .tmp-/.deleting- leftover of this toolkit (safe to delete)
+    uncommitted: bool = False  # an iter_X without marker beside committed ones (kept, not loaded)
 
 
 def list_iterations(ckpt_dir: str | Path) -> list[IterationEntry]:
@@ -104,8 +112,9 @@ def list_iterations(ckpt_dir: str | Path) -> list[IterationEntry]:
             continue
         if (step := _try_parse(p.name)) is not None:
             committed = is_committed(p)
-            # Without any marker in the dir this is an upstream run: nothing is partial.
-            out.append(IterationEntry(step, p, committed, partial=marked_layout and not committed))
+            # Without any marker in the dir this is an upstream run: every iteration counts.
+            out.append(IterationEntry(step, p, committed, partial=False,
+                                      uncommitted=marked_layout and not committed))
         elif m := (_TMP_RE.match(p.name) or _DELETING_RE.match(p.name)):
             out.append(IterationEntry(int(m.group(1)), p, False, True))
     return sorted(out, key=lambda e: (e.step, e.path.name))
@@ -121,17 +130,33 @@ def committed_iterations(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def partial_dirs(ckpt_dir: str | Path) -> list[Path]:
-    """Leftovers of interrupted saves or deletions (never an upstream marker-less dir)."""
+    """This toolkit's leftovers of interrupted saves or deletions (`.tmp-` / `.deleting-` names only)."""
     return [e.path for e in list_iterations(ckpt_dir) if e.partial]
 
 
+def uncommitted_dirs(ckpt_dir: str | Path) -> list[Path]:
+    """`iter_X` dirs without a marker beside committed ones: kept, never deleted, not loaded."""
+    return [e.path for e in list_iterations(ckpt_dir) if e.uncommitted]
+
+
 def remove_partial(ckpt_dir: str | Path) -> list[Path]:
-    """Report (warning) and delete the partial directories; returns what was removed."""
+    """Report (warning) and delete this toolkit's half-written directories; returns what was removed."""
     removed = partial_dirs(ckpt_dir)
     for p in removed:
         log.warning("removing partial checkpoint directory %s (an interrupted save or deletion)", p)
         shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def read_manifest(iter_dir: str | Path) -> dict | None:
+    """The parsed manifest, or None if the iteration has none (upstream checkpoint)."""
+    p = Path(iter_dir) / MANIFEST_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: manifest is not valid JSON ({e})") from None
 
 
 def read_latest_file(ckpt_dir: str | Path) -> str | None:
@@ -239,11 +264,30 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race with writer threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # no /proc: the set-and-restore fallback
+    os.umask(old)
+    return old
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` atomically: temp file in the same dir, fsync, rename, fsync dir."""
+    """Replace `path` with `text` atomically: temp file in the same dir, fsync, rename, fsync dir.
+
+    The file gets the mode a plain `open(path, "w")` would (0666 minus the umask), like the
+    DCP shards beside it; mkstemp alone would make it 0600.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +36,19 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from cosmos_train.checkpoint import layout
 from cosmos_train.checkpoint.collectives import agree, barrier, dist_on, rank, world
+from cosmos_train.disk import disk_full_message, is_disk_full
 from cosmos_train.checkpoint.integrity import (
-    ChecksummingFileSystem, check_loadable, data_files, file_entry, write_manifest)
+    ChecksummingFileSystem, adopt_uncommitted, check_loadable, data_files, file_entry, write_manifest)
 from cosmos_train.checkpoint.save_modes import build_save_mode
-from cosmos_train.errors import CheckpointError
+from cosmos_train.errors import CheckpointError, CorruptCheckpointError
+from cosmos_train.export.dcp_safe import SafePlanner, SafeReader, check_reads_on_all_ranks, is_damage, read_metadata
 from cosmos_train.export.keys import EMA, REG
 from cosmos_train.export.load import Source, load_weights, resolve_load_path
 from cosmos_train.export.tensor_source import STORAGE_ERRORS, describe_failure
@@ -104,6 +108,7 @@ class Checkpointer:
             if removed:
                 log.warning("removed %d partial checkpoint dir(s) under %s: %s", len(removed), self.dir,
                             ", ".join(p.name for p in removed))
+            adopt_uncommitted(self.dir)
         self._token = agree(secrets.token_hex(4))
         barrier()
         self._saver = build_save_mode(ckpt.async_mode)
@@ -124,7 +129,10 @@ class Checkpointer:
         t0 = time.perf_counter()
         stats = SaveStats(step=step, mode=self.mode)
         tmp = layout.temp_iteration_dir(self.dir, step, self._token)
-        staged = self._saver.stage(self._state_dicts())
+        parts = self._state_dicts()
+        self._refuse_nonfinite(parts["model"], step)
+        staged = self._saver.stage(parts)
+        del parts
         stats.staging_s = time.perf_counter() - t0
 
         def job() -> None:
@@ -148,6 +156,28 @@ class Checkpointer:
                      stats.bytes / 1e9, stats.blocking_s, stats.staging_s, stats.write_s, stats.gbps,
                      stats.commit_s)
 
+    def _refuse_nonfinite(self, model_sd: dict, step: int) -> None:
+        """Raise (on every rank) if a weight is NaN/inf: such a checkpoint is never committed, so
+        retention cannot rotate the last finite one away. One host read per save."""
+        keys, flags = [], []
+        for k, v in model_sd.items():
+            t = v.to_local() if isinstance(v, DTensor) else v
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                keys.append(k)
+                flags.append(torch.isfinite(t).all())
+        bad = None
+        if flags:
+            ok = torch.stack(flags).cpu()
+            bad = None if bool(ok.all()) else keys[int((~ok).nonzero()[0])]
+        if world() > 1:
+            every = [None] * world()
+            dist.all_gather_object(every, bad)
+            bad = next((b for b in every if b is not None), None)
+        if bad is not None:
+            latest = layout.read_latest(self.dir)
+            raise CheckpointError(f"refusing to save step {step}: weight {bad} holds NaN/inf (the run diverged); "
+                                  f"the last committed checkpoint ({latest.name if latest else 'none'}) is kept")
+
     def _write_and_commit(self, parts: dict, tmp: Path, step: int, stats: SaveStats, pg) -> None:
         t0 = time.perf_counter()
         try:
@@ -155,7 +185,14 @@ class Checkpointer:
                 dcp.save(sd, storage_writer=self._writer_factory(tmp / name), process_group=pg,
                          no_dist=not dist_on())
         except STORAGE_ERRORS as e:
-            raise CheckpointError(f"saving step {step} into {tmp} failed: {describe_failure(e)}") from e
+            if rank(pg) == 0:  # our own half-written dir: free its space now (every rank has stopped writing)
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = layout.read_latest(self.dir)
+            kept = f"; the last committed checkpoint ({latest.name}) is intact" if latest else ""
+            if is_disk_full(e):
+                raise CheckpointError(disk_full_message(tmp, need=_nbytes(parts), what=f"checkpoint step {step}")
+                                      + kept + f" ({describe_failure(e)})") from e
+            raise CheckpointError(f"saving step {step} into {tmp} failed: {describe_failure(e)}{kept}") from e
         t1 = time.perf_counter()
         stats.write_s = t1 - t0
         # Every rank reports the checksums of the files it wrote (taken while writing); rank 0
@@ -198,6 +235,9 @@ class Checkpointer:
             layout.purge(self.dir, self.ckpt.keep_last, self.ckpt.keep_every, protect=[final])
             return sum(v["size"] for v in entries.values())
         except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # only if the rename did not happen yet
+            if is_disk_full(e):
+                return disk_full_message(tmp, need=None, what=f"the manifest/marker of step {step}")
             return f"{type(e).__name__}: {e}"
 
     def _state_dicts(self) -> dict[str, dict]:
@@ -264,18 +304,21 @@ class Checkpointer:
         while True:
             problem = agree(self._problem(it_dir, parts))
             if problem is None:
-                break
+                try:  # CRCs are checked while reading: damage found there falls back too
+                    # Adapter-only checkpoints lack the base weights (they came from load_path).
+                    self._load_iteration(Source("dcp", it_dir, str(it_dir)), parts, skip=(), ema_to_reg=False,
+                                         ema_required=True, adapters_only=self.lora_only)
+                    break
+                except CorruptCheckpointError as e:
+                    problem = str(e)
             prev = [p for s, p in layout.committed_iterations(self.dir) if s < layout.parse_iteration(it_dir.name)]
             if not (self.ckpt.fallback_to_previous and prev):
-                raise CheckpointError(problem + ("\n(no earlier committed checkpoint to fall back to)"
-                                                 if self.ckpt.fallback_to_previous else
-                                                 "\n(set checkpoint.fallback_to_previous=true to load the "
-                                                 "previous committed checkpoint instead)"))
+                raise CorruptCheckpointError(problem + ("\n(no earlier committed checkpoint to fall back to)"
+                                                        if self.ckpt.fallback_to_previous else
+                                                        "\n(set checkpoint.fallback_to_previous=true to load the "
+                                                        "previous committed checkpoint instead)"))
             log.error("!!! %s\n!!! FALLING BACK to the previous committed checkpoint %s", problem, prev[-1].name)
             it_dir = prev[-1]
-        # Adapter-only checkpoints lack the base weights (they came from load_path).
-        self._load_iteration(Source("dcp", it_dir, str(it_dir)), parts, skip=(), ema_to_reg=False,
-                             ema_required=True, adapters_only=self.lora_only)
         self._last_saved = layout.parse_iteration(it_dir.name)
         if rank() == 0:
             log.info("resumed from %s", it_dir)
@@ -338,26 +381,44 @@ class Checkpointer:
             load_weights(source, self.model, self.ema, strict=self.ckpt.strict_resume, skip=skip,
                          ema_to_reg=ema_to_reg, ema_required=ema_required, adapters_only=adapters_only)
         it_dir = source.path
+        readers = {p: SafeReader(it_dir / p) for p in parts if p != "model"}
         try:
             if "optim" in parts:
                 osd = get_optimizer_state_dict(self.model, self.optimizer)
-                dcp.load(osd, storage_reader=FileSystemReader(it_dir / "optim"), no_dist=not dist_on())
+                dcp.load(osd, storage_reader=readers["optim"], planner=SafePlanner(source=it_dir / "optim"),
+                         no_dist=not dist_on())
                 set_optimizer_state_dict(self.model, self.optimizer, osd)
             if "scheduler" in parts:
                 ssd = _present(self.scheduler.state_dict(), it_dir / "scheduler")
-                dcp.load(ssd, storage_reader=FileSystemReader(it_dir / "scheduler"), no_dist=not dist_on())
+                dcp.load(ssd, storage_reader=readers["scheduler"], planner=SafePlanner(source=it_dir / "scheduler"),
+                         no_dist=not dist_on())
                 self.scheduler.load_state_dict(ssd)
             if "trainer" in parts:
                 tsd = _present(self.trainer_state.state_dict(), it_dir / "trainer")
-                dcp.load(tsd, storage_reader=FileSystemReader(it_dir / "trainer"), no_dist=not dist_on())
+                dcp.load(tsd, storage_reader=readers["trainer"], planner=SafePlanner(source=it_dir / "trainer"),
+                         no_dist=not dist_on())
                 self.trainer_state.load_state_dict(tsd)
         except STORAGE_ERRORS as e:
-            raise CheckpointError(f"loading checkpoint {it_dir.name} ({it_dir}) failed: {describe_failure(e)}") from e
+            err = CorruptCheckpointError if is_damage(e) else CheckpointError
+            raise err(f"loading checkpoint {it_dir.name} ({it_dir}) failed: {describe_failure(e)}") from e
+        if readers:  # the model part was checked by the loader
+            check_reads_on_all_ranks(it_dir, {p: r.segments for p, r in readers.items()})
+
+
+def _nbytes(parts: dict) -> int:
+    """Bytes of the tensors in (nested) state dicts (a DTensor counts with its global size)."""
+    total = 0
+    for v in parts.values():
+        if isinstance(v, dict):
+            total += _nbytes(v)
+        elif isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+    return total
 
 
 def _present(sd: dict, part_dir: Path) -> dict:
     """`sd` restricted to the (flattened) keys that the DCP checkpoint in `part_dir` holds."""
-    have = set(FileSystemReader(part_dir).read_metadata().state_dict_metadata)
+    have = set(read_metadata(part_dir).state_dict_metadata)
 
     def walk(d: dict, prefix: str) -> dict:
         out = {}

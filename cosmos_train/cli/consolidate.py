@@ -97,6 +97,8 @@ def convert(
         help="Iteration dir to write; the DCP model part goes to OUT_DIR/model/.", show_default=False)],
     to: Annotated[ConvertTarget, typer.Option("--to", help="Target format.")] = ConvertTarget.dcp,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty dir or a committed iteration "
+                                                        "(which is then un-committed).")] = False,
 ) -> None:
     """Write a consolidated checkpoint as DCP (for sharded loading at scale), one tensor at a time.
 
@@ -104,5 +106,5 @@ def convert(
     """
     from cosmos_train.export.convert import convert as run
 
-    report = run(src, out_dir, to=to.value, progress=progress)
+    report = run(src, out_dir, to=to.value, progress=progress, force=force)
     console.print(report.summary(), highlight=False, soft_wrap=True)

@@ -39,19 +39,23 @@ def _report_table(report: DatasetReport) -> Table:
     table.add_row("fps", ", ".join(f"{f:g} ({n})" for f, n in report.fps.most_common()))
     if report.num_frames is not None:
         table.add_row(f"shorter than {report.num_frames} frames", str(len(report.too_short)))
+    table.add_row("fail to decode", str(len(report.undecodable)) if report.decoded else "not checked (--decode)")
     return table
 
 
 @handle_errors
 def check(dataset_dir: DatasetArg,
-          num_frames: Annotated[int | None, typer.Option(help="Report clips shorter than this.")] = None) -> None:
+          num_frames: Annotated[int | None, typer.Option(help="Report clips shorter than this.")] = None,
+          decode: Annotated[bool, typer.Option("--decode", help="Decode every frame of every clip (slow; finds "
+                                                               "corrupt packets the metadata hides).")] = False
+          ) -> None:
     """Report clip counts, frame counts, resolutions and missing or orphan files; exit 2 on errors.
 
-    Example: cosmos-train data check datasets/my_clips --num-frames 93
+    Example: cosmos-train data check datasets/my_clips --num-frames 93 --decode
     """
     from cosmos_train.data.check import check_dataset
 
-    report = check_dataset(dataset_dir, num_frames=num_frames)
+    report = check_dataset(dataset_dir, num_frames=num_frames, decode=decode)
     console.print(_report_table(report))
     for line in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)

@@ -42,6 +42,7 @@ def inspect(
     from cosmos_train.checkpoint import layout
     from cosmos_train.checkpoint.inspect import (deep_verify, file_tensor_rows, list_iteration_rows,
                                                  resolve_for_inspect, tensor_rows)
+    from cosmos_train.checkpoint.integrity import checks_run
 
     if path.is_file():
         _tensor_table(f"tensors in {path}", file_tensor_rows(path))
@@ -55,7 +56,7 @@ def inspect(
             table.add_column(col)
         rows = list_iteration_rows(ckpt_dir)
         for r in rows:
-            style = {"partial": "red", "upstream": "yellow"}.get(r.status, "")
+            style = {"partial": "red", "upstream": "yellow", "uncommitted": "yellow"}.get(r.status, "")
             table.add_row(str(r.step), r.status, _gb(r.bytes), r.mtime, "*" if r.latest else "", style=style)
         console.print(table)
         targets = [ckpt_dir / r.name for r in rows if r.status != "partial"] if verify else []
@@ -71,6 +72,7 @@ def inspect(
             for p in problems:
                 console.print(f"  {p}", highlight=False)
         else:
-            console.print(f"[green]{t.name}: OK[/green] (manifest, checksums, every tensor read back)")
+            checks = ", ".join(checks_run(t) + ["every tensor read back"])
+            console.print(f"[green]{t.name}: OK[/green] ({checks})", highlight=False)
     if bad:
         raise CheckpointError(f"{bad} checkpoint(s) failed verification (see above)")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosmos_train.data.embeddings import STORE_NAME
-from cosmos_train.data.video import METAS_DIR, VIDEOS_DIR, VideoInfo, frame_rule, probe_video, scan_layout
+from cosmos_train.data.video import (
+    METAS_DIR, VIDEOS_DIR, BadClipError, VideoInfo, decode_all, frame_rule, probe_video, scan_layout)
 from cosmos_train.errors import CosmosTrainError
 
 
@@ -36,6 +37,8 @@ class DatasetReport:
     missing_embedding: list[str] = field(default_factory=list)
     orphan_embeddings: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)
+    undecodable: dict[str, str] = field(default_factory=dict)  # key -> error (with decode=True)
+    decoded: bool = False
     empty_captions: list[str] = field(default_factory=list)
     num_frames: int | None = None
     too_short: dict[str, int] = field(default_factory=dict)  # key -> frames
@@ -52,8 +55,12 @@ def _listing(keys) -> str:
     return ", ".join(keys[:10]) + (f", ... and {len(keys) - 10} more" if len(keys) > 10 else "")
 
 
-def check_dataset(dataset_dir: str | Path, *, num_frames: int | None = None) -> DatasetReport:
-    """Inspect `dataset_dir` (upstream layout + t5_xxl.zarr) and return a `DatasetReport`."""
+def check_dataset(dataset_dir: str | Path, *, num_frames: int | None = None, decode: bool = False) -> DatasetReport:
+    """Inspect `dataset_dir` (upstream layout + t5_xxl.zarr) and return a `DatasetReport`.
+
+    `decode` also decodes every frame of every readable clip (slow: what training will read),
+    so clips with corrupt packets, which the container metadata does not reveal, are errors.
+    """
     root = Path(dataset_dir)
     if not root.is_dir():
         raise CosmosTrainError(f"{root}: dataset directory not found")
@@ -89,6 +96,16 @@ def check_dataset(dataset_dir: str | Path, *, num_frames: int | None = None) -> 
             r.unreadable[key] = str(e)
     if r.unreadable:
         r.errors.append(f"{len(r.unreadable)} unreadable videos: {_listing(r.unreadable)}")
+    if decode:
+        r.decoded = True
+        for key in sorted(infos):
+            try:
+                decode_all(root / VIDEOS_DIR / f"{key}.mp4")
+            except BadClipError as e:
+                r.undecodable[key] = str(e)
+        if r.undecodable:
+            r.errors.append(f"{len(r.undecodable)} videos fail to decode (training skips them unless "
+                            f"data.bad_clips = \"error\"): " + "; ".join(list(r.undecodable.values())[:10]))
     if infos:
         counts = [i.frames for i in infos.values()]
         r.frames = (min(counts), statistics.median(counts), max(counts))

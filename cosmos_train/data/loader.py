@@ -95,7 +95,8 @@ def _split(full: VideoFolderDataset, n_val: int, split: str) -> VideoFolderDatas
 
 def _dataset(path: Path, data: DataSpec, tokenizer) -> VideoFolderDataset:
     """Videos, or cached latents when `data.latents` and the cache agree (see `data/latents.py`)."""
-    kwargs = dict(num_frames=data.num_frames, video_size=tuple(data.video_size), short_clips=data.short_clips)
+    kwargs = dict(num_frames=data.num_frames, video_size=tuple(data.video_size), short_clips=data.short_clips,
+                  bad_clips=data.bad_clips)
     store = None
     if tokenizer is not None and data.kind == "video_folder":
         from cosmos_train.data.latents import CachedLatentDataset, cache_attrs, open_cache

@@ -36,6 +36,10 @@ VIDEOS_DIR = "videos"
 _LIST_LIMIT = 20  # clips named in one message before "... and N more"
 
 
+class BadClipError(CosmosTrainError):
+    """A clip whose frames cannot be decoded (corrupt packets); its message names the file."""
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     frames: int
@@ -66,20 +70,45 @@ def read_frames(path: str | Path, *, start: int, num_frames: int) -> np.ndarray:
     """Decode frames [start, start + num_frames) as uint8 (T, H, W, 3) RGB."""
     path = Path(path)
     out: list[np.ndarray] = []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        # Sequential decode from the first frame: exact for any frame timing, at the cost of
-        # decoding the frames before the window.
-        for i, frame in enumerate(container.decode(stream)):
-            if i >= start:
-                out.append(frame.to_ndarray(format="rgb24"))
-                if len(out) == num_frames:
-                    break
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadClipError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            # Sequential decode from the first frame: exact for any frame timing, at the cost of
+            # decoding the frames before the window.
+            for i, frame in enumerate(container.decode(stream)):
+                if i >= start:
+                    out.append(frame.to_ndarray(format="rgb24"))
+                    if len(out) == num_frames:
+                        break
+    except av.error.FFmpegError as e:
+        raise BadClipError(f"{path}: cannot decode frame {start + len(out)}: {e}") from None
     if len(out) < num_frames:
         raise CosmosTrainError(f"{path}: decoded only {start + len(out)} frames, needed frames "
                                f"{start}..{start + num_frames - 1} (the container metadata is wrong?)")
     return np.stack(out)
+
+
+def decode_all(path: str | Path) -> int:
+    """Decode every frame of the clip (what `data check --decode` does); returns the count.
+
+    Raises BadClipError naming the file and the first frame that fails.
+    """
+    path = Path(path)
+    n = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadClipError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for _ in container.decode(stream):
+                n += 1
+    except av.error.FFmpegError as e:
+        raise BadClipError(f"{path}: cannot decode frame {n}: {e}") from None
+    return n
 
 
 def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -187,8 +216,11 @@ class VideoFolderDataset(Dataset):
     """
 
     def __init__(self, dataset_dir: str | Path, *, num_frames: int, video_size: tuple[int, int],
-                 short_clips: Literal["skip", "error"] = "skip", keys: Sequence[str] | None = None):
+                 short_clips: Literal["skip", "error"] = "skip", keys: Sequence[str] | None = None,
+                 bad_clips: Literal["skip", "error"] = "skip"):
         self.root = Path(dataset_dir)
+        self.bad_clips = bad_clips
+        self._warned: set[str] = set()
         self.num_frames = num_frames
         self.video_size = (int(video_size[0]), int(video_size[1]))
         layout = scan_layout(self.root)
@@ -237,6 +269,23 @@ class VideoFolderDataset(Dataset):
 
     def __getitem__(self, item: int | SampleRef) -> dict:
         index, seed = (item, item) if isinstance(item, int) else (item.index, item.seed)
+        # A clip that fails to decode is replaced by the next clip in key order (same window seed):
+        # a function of (index, seed) and the files only, so the sample order stays resumable.
+        for step in range(len(self.keys)):
+            i = (index + step) % len(self.keys)
+            try:
+                return self._load(i, seed)
+            except BadClipError as e:
+                if self.bad_clips == "error":
+                    raise BadClipError(f"{e}\n(set data.bad_clips = \"skip\" to skip such clips; "
+                                       f"`cosmos-train data check --decode {self.root}` lists them all)") from None
+                if self.keys[i] not in self._warned:
+                    self._warned.add(self.keys[i])
+                    warnings.warn(f"{e}; skipping clip {self.keys[i]} (data.bad_clips = \"skip\")", stacklevel=2)
+        raise CosmosTrainError(f"{self.root}: no clip can be decoded (run `cosmos-train data check --decode "
+                               f"{self.root}`)")
+
+    def _load(self, index: int, seed: int) -> dict:
         key = self.keys[index]
         start = self.window_start(index, torch.Generator().manual_seed(seed))
         frames = read_frames(self.root / VIDEOS_DIR / f"{key}.mp4", start=start, num_frames=self.num_frames)

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.layout import SPEC_FILE, find_run_dir, install, resolve_iteration_dir
+from cosmos_train.checkpoint.layout import (
+    SPEC_FILE, find_run_dir, install, is_committed, read_manifest, resolve_iteration_dir)
+from cosmos_train.disk import disk_full_message, free_bytes, is_disk_full
 from cosmos_train.errors import CheckpointError, CosmosTrainError
 from cosmos_train.export import copy_export, lora_export
 from cosmos_train.export.dcp_source import DcpSource, group_by_bytes
@@ -387,6 +389,13 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         items = _diffusers_items(items)
     total = sum(it.out.nbytes for it in items)
     out.parent.mkdir(parents=True, exist_ok=True)
+    free = free_bytes(out.parent)
+    if free is not None and free < total:
+        raise CheckpointError(disk_full_message(out, need=total, what="the consolidated weights"))
+    # A committed checkpoint's shards are checked against its MANIFEST.json while they are read
+    # (the copy path then reads in user space, computing CRC32s on the way).
+    check_crcs = read_manifest(it_dir) is not None or is_committed(it_dir)
+    copy_stats = copy_export.CopyExportStats()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -397,9 +406,10 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
         if not adapter_only and merge is None:  # a copy, maybe with a cast: straight from file to file
             with p:
                 moves = copy_export.export(reader, [copy_export.CopyItem(it.out, it.sources[0]) for it in items],
-                                           tmp, out, max_shard_size=max_shard_size, verify_source=verify_source,
-                                           mode=copy_mode, progress=lambda n: p.advance(task, n),
-                                           st_metadata=_st_metadata(spec_text))
+                                           tmp, out, max_shard_size=max_shard_size,
+                                           verify_source=verify_source or check_crcs, mode=copy_mode,
+                                           progress=lambda n: p.advance(task, n), st_metadata=_st_metadata(spec_text),
+                                           stats=copy_stats)
             moves = _with_sidecar(tmp, out, moves, spec_text)
         else:
             if adapter_only:
@@ -411,6 +421,8 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
                     write(it.out.name, t)
                     p.advance(task, it.out.nbytes)
             close()
+        if check_crcs:  # damaged shards never become an output
+            reader.check_checksums(extra=copy_stats.segments)
         if diffusers_out:
             from cosmos_train.export.diffusers_folder import diffusers_config_json
 
@@ -425,6 +437,10 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
             from cosmos_train.export.diffusers_folder import link_pipeline
 
             link_pipeline(base_root, out.parent.parent)
+    except OSError as e:
+        if is_disk_full(e):  # the partial output is removed below
+            raise CheckpointError(disk_full_message(out, need=total, what="the consolidated weights")) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     outputs = [final for _, final in moves if not final.name.endswith(SIDECAR_SUFFIX)]

@@ -11,6 +11,7 @@ one tensor, whatever the model size.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -21,12 +22,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 
-from cosmos_train.checkpoint.layout import install
+from cosmos_train.checkpoint import layout
+from cosmos_train.checkpoint.layout import MANIFEST_FILE, install
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.export.consolidate import ConsolidateReport, byte_progress, peak_rss_bytes
 from cosmos_train.export.tensor_source import open_source
 
 FORMATS = ("dcp",)
+log = logging.getLogger(__name__)
 
 
 class _StreamingSavePlanner(DefaultSavePlanner):
@@ -44,18 +47,49 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         return t
 
 
-def convert(src: str | Path, out_dir: str | Path, *, to: str = "dcp", progress: bool = True) -> ConsolidateReport:
+def _claim(out_dir: Path, force: bool) -> None:
+    """Refuse a committed iteration or a non-empty dir unless `force`; with `force`, un-commit first.
+
+    A committed iteration is un-committed (marker, then manifest removed) *before* its model part
+    changes, so no moment has a committed iteration whose manifest does not match its files.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CosmosTrainError(f"{out_dir}: is a file; OUT_DIR must be a directory")
+    committed = layout.is_committed(out_dir)
+    if not force:
+        if committed:
+            raise CosmosTrainError(f"{out_dir}: is a committed training checkpoint; converting into it would "
+                                   f"replace its weights. Choose a new directory, or pass --force (it is then no "
+                                   f"longer a committed checkpoint)")
+        if any(out_dir.iterdir()):
+            raise CosmosTrainError(f"{out_dir}: directory is not empty; choose a new directory or pass --force "
+                                   f"to replace its model/ part")
+        return
+    if committed:
+        (out_dir / layout.COMMITTED_MARKER).unlink()
+        layout.fsync_dir(out_dir)
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+        log.warning("%s: --force: no longer a committed checkpoint (marker and manifest removed); resume skips "
+                    "it, load_path can still name it", out_dir)
+
+
+def convert(src: str | Path, out_dir: str | Path, *, to: str = "dcp", progress: bool = True,
+            force: bool = False) -> ConsolidateReport:
     """Write the consolidated file `src` as the DCP model part of an iteration dir: `out_dir/model/`.
 
     Keys are kept as stored (`net.*`, `net_ema.*`), so the result loads where a
     training checkpoint's model part does. `out_dir/model` is written under a
-    temp name and renamed at the end; an existing one is replaced.
+    temp name and renamed at the end. A committed iteration or a non-empty dir is
+    refused unless `force` (which replaces `model/` and un-commits the iteration).
     """
     if to not in FORMATS:
         raise CosmosTrainError(f"--to: unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     reader = open_source(src)
     out_dir = Path(out_dir)
+    _claim(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "model"
     tmp = out_dir / f".model.partial-{os.getpid()}"

@@ -37,7 +37,7 @@ import torch
 
 from cosmos_train.export.dcp_source import DcpSource, group_by_bytes
 from cosmos_train.export.tensor_source import TensorEntry
-from cosmos_train.errors import CheckpointError, CosmosTrainError
+from cosmos_train.errors import CheckpointError, CorruptCheckpointError, CosmosTrainError
 from cosmos_train.export.dcp_ranges import ChunkBytes, plan_tensor_bytes
 from cosmos_train.export.range_copy import Range, copy_ranges, crc32_combine
 
@@ -224,8 +224,8 @@ def _fill(reader: DcpSource, f: _OutFile, fd: int, plan: dict, src_of: dict[str,
         for (key, c), crc in zip(owners, cs.crcs, strict=True):
             stats.segments.setdefault(c.file, []).append([c.offset, c.offset + c.length, crc])
             if c.crc32 is not None and crc != c.crc32:
-                raise CheckpointError(f"{reader.path / c.file}: the bytes of {src_of[key]!r} at "
-                                      f"offset {c.offset} fail their CRC32 check (corrupt shard file)")
+                raise CorruptCheckpointError(f"{reader.path / c.file}: the bytes of {src_of[key]!r} at "
+                                             f"offset {c.offset} fail their CRC32 check (corrupt shard file)")
     record_crcs = _record_crcs(f, owners, ranges, cs.out_crcs) if f.is_pt else {}
     record_crcs |= _write_loaded(reader, f, fd, slow, src_of, progress, stats)
     for key, crc in record_crcs.items():

@@ -20,24 +20,13 @@ from typing import TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.dcp_safe import SafePlanner, SafeReader, check_reads
 from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorEntry
 
 T = TypeVar("T")
-
-
-class _CachedMetadataReader(FileSystemReader):
-    """A FileSystemReader that parses `.metadata` once; `dcp.load` asks for it on every call."""
-
-    def __init__(self, path: Path, metadata):
-        super().__init__(path)
-        self._metadata = metadata
-
-    def read_metadata(self, *args, **kwargs):
-        return self._metadata
 
 
 class DcpSource:
@@ -53,10 +42,10 @@ class DcpSource:
         meta_file = self.path / ".metadata"
         if not meta_file.is_file():
             raise CheckpointError(f"{self.path}: not a DCP checkpoint directory (no .metadata file)")
-        try:
-            self.metadata = FileSystemReader(self.path).read_metadata()
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise CheckpointError(f"{meta_file}: cannot read DCP metadata ({type(e).__name__}: {e})") from e
+        # SafeReader parses `.metadata` once (dcp.load asks on every call), runs no code from the
+        # files, and checksums every byte it reads (`check_checksums`)
+        self._reader = SafeReader(self.path)
+        self.metadata = self._reader.read_metadata()  # CheckpointError naming the file when unreadable
         self.entries: dict[str, TensorEntry] = {}
         self.non_tensor_keys: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
@@ -68,7 +57,6 @@ class DcpSource:
         if check_files:  # inspect lists a damaged checkpoint's tensors and reports per tensor instead
             self._check_files()
         self.files = sorted({self.path / i.relative_path for i in (self.metadata.storage_data or {}).values()})
-        self._reader = _CachedMetadataReader(self.path, self.metadata)
         self._arena: torch.Tensor | None = None
 
     def _check_files(self) -> None:
@@ -102,15 +90,22 @@ class DcpSource:
                 # no_dist is the point here; DCP warns that it assumes a single process.
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(sd, storage_reader=self._reader,
-                         planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+                         planner=SafePlanner(allow_partial_load=True, source=self.path), no_dist=True)
         except STORAGE_ERRORS as e:
             inner = _unwrap(e)
+            if isinstance(inner, CheckpointError):  # our reader already named the file and the tensor
+                raise inner from None
             first_line = (str(inner).strip().splitlines() or [""])[0][:160]
             bad = self._find_bad_file(set(keys))
             raise CheckpointError(f"{bad or self.path}: failed to read {keys[0]!r}"
                                   f"{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}: "
                                   f"{type(inner).__name__}: {first_line} (corrupt shard file?)") from e
         return sd
+
+    def check_checksums(self, extra: dict | None = None) -> None:
+        """Compare the CRCs of everything read so far (plus `extra` runs read by other means, e.g. the
+        copy engine) with the iteration's MANIFEST.json; CorruptCheckpointError naming the file."""
+        check_reads(self.path.parent, self.path.name, [self._reader.segments, extra or {}])
 
     def _find_bad_file(self, keys: set[str]) -> Path | None:
         """Diagnosis after a failed read: the first shard file whose chunk of `keys` does not load."""

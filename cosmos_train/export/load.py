@@ -21,6 +21,7 @@ loads the .pt" OOM). Resume, initialisation and infer all load through here.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cosmos_train.checkpoint import layout
-from cosmos_train.errors import CheckpointError
+from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 from cosmos_train.export.keys import KeyPlan, format_key_problems, plan_keys
 from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorSource, describe_failure, open_source
 from cosmos_train.hub import HF_SCHEME, hf_fetch
@@ -137,7 +138,8 @@ def _fill(target: dict, key_map: dict, reader: TensorSource | None, multi: bool)
 def _read_dcp(part_dir: Path, msd: dict, esd: dict | None, plan: KeyPlan) -> None:
     """Every rank reads its own shards of the planned keys straight into `msd` / `esd`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+
+    from cosmos_train.export.dcp_safe import SafePlanner, SafeReader, check_reads_on_all_ranks, is_damage
 
     request = {ck: msd[k] for k, ck in plan.reg.items()}
     if esd is not None and plan.ema is not None:
@@ -147,9 +149,12 @@ def _read_dcp(part_dir: Path, msd: dict, esd: dict | None, plan: KeyPlan) -> Non
         with warnings.catch_warnings():
             # no_dist is deliberate for one process; DCP warns that it assumes a single process.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(request, storage_reader=FileSystemReader(part_dir), no_dist=no_dist)
+            reader = SafeReader(part_dir)  # runs no code from the files, checksums what it reads
+            dcp.load(request, storage_reader=reader, planner=SafePlanner(source=part_dir), no_dist=no_dist)
     except STORAGE_ERRORS as e:
-        raise CheckpointError(f"{part_dir}: reading the model weights failed: {describe_failure(e)}") from e
+        err = CorruptCheckpointError if is_damage(e) else CheckpointError
+        raise err(f"{part_dir}: reading the model weights failed: {describe_failure(e)}") from e
+    check_reads_on_all_ranks(part_dir.parent, {part_dir.name: reader.segments})
 
 
 def load_weights(source: Source, model: torch.nn.Module, ema=None, *, strict: bool = True,

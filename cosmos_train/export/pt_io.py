@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cosmos_train.errors import CheckpointError
-from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorEntry, read_range
+from cosmos_train.export.tensor_source import TensorEntry, read_range
 
 # torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL).
 _PICKLE_PROTOCOL = 2
@@ -73,6 +73,58 @@ def pickle_tensor_dict(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) 
     return buf.getvalue()
 
 
+class _GuardedFile:
+    """A binary file whose `write` never raises into torch's C++ zip writer.
+
+    A failed write there (a full disk) throws again from the writer's destructor, which aborts
+    the process (exit 134). The first OSError is kept instead, later writes are dropped, and
+    PtWriter raises it from Python.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._f = open(path, "wb")
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        # Nothing may raise from here: an exception inside the C++ writer (also from its destructor,
+        # which can run late, during garbage collection of a half-torn-down object) aborts the process.
+        n = memoryview(b).nbytes
+        try:
+            if self.error is None:
+                self._f.write(b)
+        except OSError as e:
+            self.error = e
+        except Exception:  # noqa: BLE001 - closed or torn down: the bytes are dropped, nothing is raised
+            pass
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """torch's writer seeks over the holes of `write_record_metadata` records."""
+        try:
+            return self._f.seek(offset, whence)
+        except OSError as e:
+            self.error = self.error or e
+        except Exception:  # noqa: BLE001 - as in write: never raise into the C++ writer
+            pass
+        return 0
+
+    def tell(self) -> int:
+        try:
+            return self._f.tell()
+        except Exception:  # noqa: BLE001 - as in write
+            return 0
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError as e:
+            self.error = self.error or e
+
+
 class PtWriter:
     """Write a `.pt` holding a flat dict of tensors, one tensor at a time, in a fixed order.
 
@@ -89,8 +141,9 @@ class PtWriter:
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
         self._entries = [(n, d, tuple(s)) for n, d, s in entries]
         self._next = 0
+        self._file = _GuardedFile(path)
         self._zip = torch._C.PyTorchFileWriter(
-            str(path), torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment())
+            self._file, torch.serialization.get_crc32_options(), torch.serialization._get_storage_alignment())
         # Same records, same order as torch.serialization._save.
         data = pickle_tensor_dict(self._entries)
         self._zip.write_record("data.pkl", data, len(data))
@@ -109,6 +162,7 @@ class PtWriter:
         start = t.storage_offset() * t.element_size()
         # A storage slice shares memory: a view into a larger buffer is written without a copy.
         self._zip.write_record(f"data/{self._next}", t.untyped_storage()[start:start + t.nbytes], t.nbytes)
+        self._file.raise_error()
         self._next += 1
 
     def reserve_rest(self) -> None:
@@ -128,9 +182,12 @@ class PtWriter:
 
     def close(self) -> None:
         """Finish the archive; every entry must have been written."""
-        if self._next != len(self._entries):
-            raise ValueError(f"PtWriter: {len(self._entries) - self._next} tensors not written")
-        self._zip.write_end_of_file()
+        missing = len(self._entries) - self._next
+        self._zip.write_end_of_file()  # finalised either way, so its destructor has nothing left to write
+        self._file.close()
+        if missing:
+            raise ValueError(f"PtWriter: {missing} tensors not written")
+        self._file.raise_error()
 
     def __enter__(self) -> PtWriter:
         return self
@@ -144,6 +201,25 @@ class PtWriter:
                 self._zip.write_end_of_file()
             except Exception:  # noqa: BLE001 - the original exception matters more
                 pass
+            self._file.close()
+
+
+def load_pt(path: str | Path, **kwargs):
+    """`torch.load(path, weights_only=True, **kwargs)`, with a CheckpointError naming the file instead of
+    torch's errors (whose advice to retry with `weights_only=False` would run the file's code)."""
+    from cosmos_train.export.dcp_safe import weights_only_reason
+
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused: holds objects that are not tensors or plain data "
+                              f"({weights_only_reason(e)}); the file is corrupt or malicious") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as e:
+        # what torch's zip reader and unpickler raise for a damaged or non-torch file
+        raise CheckpointError(f"{path}: not a readable torch .pt file ({type(e).__name__}: "
+                              f"{weights_only_reason(e)})") from None
 
 
 class PtSource:
@@ -158,10 +234,7 @@ class PtSource:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.files = [self.path]
-        try:
-            meta = torch.load(self.path, map_location="meta", weights_only=True)
-        except (*STORAGE_ERRORS, RuntimeError) as e:  # torch reports a bad zip as RuntimeError
-            raise CheckpointError(f"{self.path}: not a readable torch .pt file ({type(e).__name__}: {e})") from e
+        meta = load_pt(self.path, map_location="meta")
         if not isinstance(meta, dict) or not any(isinstance(v, torch.Tensor) for v in meta.values()):
             raise CheckpointError(f"{self.path}: expected a flat dict of tensors (a consolidated checkpoint)")
         self._meta = {k: v for k, v in meta.items() if isinstance(v, torch.Tensor)}

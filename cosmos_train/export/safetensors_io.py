@@ -131,14 +131,22 @@ def write_index(path: Path, shards: list[list[TensorEntry]], names: list[str]) -
     path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's limit
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """`(header dict, byte offset where data starts)` of a `.safetensors` file."""
+    """`(header dict, byte offset where data starts)` of a `.safetensors` file, its framing validated."""
     try:
         with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
             (n,) = struct.unpack("<Q", raw)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes; the file has "
+                                      f"{size - 8} after the length field, the format allows {MAX_HEADER_BYTES})")
             header_raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: safetensors file missing") from None
@@ -146,21 +154,65 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: truncated safetensors file (header cut short)")
     try:
         header = json.loads(header_raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     return header, 8 + n
 
 
+def _entry(path: Path, key: str, v, data_size: int) -> tuple[TensorEntry, int, int]:
+    """Validate one header entry: `(entry, begin, end)` or CheckpointError naming the tensor."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {key!r}: {why}")
+
+    if not isinstance(v, dict):
+        raise bad("header entry is not an object")
+    dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+    if dtype not in _ST_TO_DTYPE:
+        raise bad(f"unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape must be a list of non-negative integers (got {shape!r})")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise bad(f"data_offsets must be two non-negative integers (got {offsets!r})")
+    begin, end = offsets
+    if begin > end:
+        raise bad(f"data_offsets begin {begin} > end {end}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    torch_dtype = _ST_TO_DTYPE[dtype]
+    if numel * torch_dtype.itemsize != end - begin:
+        raise bad(f"shape {shape} x {torch_dtype.itemsize} bytes ({dtype}) = {numel * torch_dtype.itemsize} "
+                  f"bytes, but data_offsets span {end - begin}")
+    if end > data_size:
+        raise CheckpointError(f"{path}: truncated (tensor {key!r} ends at data byte {end}, the file holds "
+                              f"{data_size})")
+    return TensorEntry(key, torch_dtype, tuple(shape)), begin, end
+
+
 class SafetensorsSource:
-    """The `TensorSource` of a `.safetensors` file or a sharded set (via its `.index.json`)."""
+    """The `TensorSource` of a `.safetensors` file or a sharded set (via its `.index.json`).
+
+    Every header is validated first (framing, dtype, shape x itemsize = byte span, bounds),
+    so a lying or damaged file is a CheckpointError naming the file and tensor.
+    """
 
     def __init__(self, path: str | Path):
         self.path = path = Path(path)
         if path.name.endswith(".index.json"):
             try:
                 weight_map = json.loads(path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: not a safetensors index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(n, str) and n and Path(n).name == n and n not in (".", "..")
+                    for n in weight_map.values()):
+                raise CheckpointError(f"{path}: weight_map must map tensor names to file names in the same "
+                                      f"directory")
             files = list(dict.fromkeys(path.parent / name for name in weight_map.values()))
         else:
             files = [path]
@@ -170,16 +222,10 @@ class SafetensorsSource:
         self._where: dict[str, tuple[Path, int, int]] = {}
         for f in files:
             header, start = read_header(f)
-            size = f.stat().st_size
-            items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                           key=lambda kv: kv[1]["data_offsets"][0])
-            for k, v in items:
-                if v["dtype"] not in _ST_TO_DTYPE:
-                    raise CheckpointError(f"{f}: tensor {k!r} has unsupported dtype {v['dtype']}")
-                begin, end = v["data_offsets"]
-                if start + end > size:
-                    raise CheckpointError(f"{f}: truncated (tensor {k!r} ends past the end of the file)")
-                self.entries[k] = TensorEntry(k, _ST_TO_DTYPE[v["dtype"]], tuple(v["shape"]))
+            data_size = f.stat().st_size - start
+            checked = [(k, *_entry(f, k, v, data_size)) for k, v in header.items() if k != "__metadata__"]
+            for k, entry, begin, end in sorted(checked, key=lambda c: c[2]):  # stored order: reads go forward
+                self.entries[k] = entry
                 self._where[k] = (f, start + begin, end - begin)
 
     def metadata(self) -> dict[str, str]:

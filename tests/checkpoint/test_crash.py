@@ -68,7 +68,8 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path):
 
 @pytest.mark.parametrize("stage", ["renamed", "marked"])
 def test_crash_inside_commit(tmp_path, stage):
-    """Between rename and COMMITTED the new dir is partial; between COMMITTED and the latest file it wins."""
+    """Between rename and COMMITTED the new dir is complete (its manifest verifies): the next start commits
+    it; between COMMITTED and the latest file it wins."""
     parts = build(2)
     ck = Checkpointer(spec(), tmp_path, model=parts[0])
     ck.save(1)
@@ -80,6 +81,7 @@ def test_crash_inside_commit(tmp_path, stage):
         (ck_dir / "iter_000000002" / layout.COMMITTED_MARKER).unlink()
         assert layout.read_latest(ck_dir).name == "iter_000000001"
         Checkpointer(spec(), tmp_path, model=parts[0]).close()
-        assert not (ck_dir / "iter_000000002").exists()
+        assert layout.is_committed(ck_dir / "iter_000000002")
+        assert layout.read_latest_file(ck_dir) == "iter_000000002"
     else:
         assert layout.read_latest(ck_dir).name == "iter_000000002"

@@ -182,11 +182,15 @@ def test_sync_write_error_raises_and_keeps_previous(tmp_path, caplog):
                       trainer_state=parts[4])
     ck.save(1)
     ck._writer_factory = lambda p: FailingWriter(p)
-    with pytest.raises(CheckpointError, match="saving step 2 .* failed.*injected"):
+    with pytest.raises(CheckpointError, match=r"disk full \(ENOSPC\) while writing checkpoint step 2.*"
+                                              r"iter_000000001\) is intact.*injected"):
         ck.save(2)
+    # the half-written dir is removed at once (it is ours; on a full disk it holds the space)
+    assert layout.partial_dirs(layout.checkpoints_dir(tmp_path)) == []
     ck.close()
     assert layout.read_latest(layout.checkpoints_dir(tmp_path)).name == "iter_000000001"
-    # the leftover tmp dir is reported and removed by the next Checkpointer
+    # a leftover of a crashed save is reported and removed by the next Checkpointer
+    (layout.checkpoints_dir(tmp_path) / "iter_000000002.tmp-dead").mkdir()
     with caplog.at_level(logging.WARNING):
         Checkpointer(spec(), tmp_path, model=parts[0]).close()
     assert "partial" in caplog.text

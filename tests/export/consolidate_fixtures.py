@@ -2,7 +2,7 @@
 
 `make_runs(root)` writes, in one 2-rank job, two run dirs in the project layout:
 
-    root/full/{spec.toml, checkpoints/{iter_000000010/{model/, COMMITTED}, latest_checkpoint.txt}}
+    root/full/{spec.toml, checkpoints/{iter_000000010/{model/, MANIFEST.json, COMMITTED}, latest_checkpoint.txt}}
     root/lora/...   (same, with PEFT LoRA adapters injected, random B so merging matters)
 
 Each model part holds `net.<fqn>` and `net_ema.<fqn>` (EMA = a different set of
@@ -121,7 +121,10 @@ def _save_body(rank: int, world_size: int, root: str) -> None:
         it = run / "checkpoints" / ITER
         dcp.save(sd, checkpoint_id=str(it / "model"))
         dist.barrier()
-        if rank == 0:
+        if rank == 0:  # as the Checkpointer commits: manifest first, then the marker
+            from cosmos_train.checkpoint.integrity import data_files, file_entry, write_manifest
+
+            write_manifest(it, {rel: file_entry(it, rel) for rel in data_files(it)})
             (it / "COMMITTED").write_text("committed\n")
             (run / "checkpoints" / "latest_checkpoint.txt").write_text(ITER + "\n")
             if lora:

@@ -181,7 +181,7 @@ def test_corrupt_shard_during_read_leaves_nothing(runs, tmp_path):
     data[: len(data)] = b"\0" * len(data)  # same length, garbage content: only reading can tell
     shard.write_bytes(bytes(data))
     out = tmp_path / "out" / "model.pt"
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: failed to read"):
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: tensor 'net\.[^']*' (refused|cannot be read)"):
         consolidate(it, out, progress=False)
     assert not list(out.parent.iterdir())
 

@@ -54,7 +54,7 @@ def test_safetensors_to_dcp_replaces_existing(tmp_path):
     convert(tmp_path / "model.safetensors", it, progress=False)
     sd2 = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
     save_file(sd2, tmp_path / "model2.safetensors")
-    convert(tmp_path / "model2.safetensors", it, progress=False)  # re-run over an existing model/
+    convert(tmp_path / "model2.safetensors", it, progress=False, force=True)  # re-run over an existing model/
     assert sorted(os.listdir(it)) == ["model"]
     consolidate(it, tmp_path / "back.safetensors", both=True, progress=False)
     from safetensors.torch import load_file

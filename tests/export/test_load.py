@@ -123,6 +123,28 @@ def test_hf_source_from_prefilled_cache_offline(tmp_path):
         resolve_load_path("hf://nvidia/only", cache_dir=cache, offline=True)
 
 
+def test_hf_path_cannot_leave_the_snapshot(tmp_path):
+    from cosmos_train.hub import inside_snapshot
+
+    # a DCP dir outside the cache that `..` would reach
+    src = build(0)
+    ck = Checkpointer(spec(), tmp_path / "victim", model=src[0], ema=src[3])
+    ck.save(1, force=True)
+    ck.close()
+    cache = tmp_path / "hfcache"
+    _fill_hf_cache(cache, "org/repo", {"README.md": b"x"})
+    depth = len((cache / "models--org--repo" / "snapshots" / "x").relative_to(tmp_path).parts)
+    escape = "/".join([".."] * depth) + "/victim/checkpoints/iter_000000001"
+    for bad in (f"hf://org/repo/{escape}", "hf://org/repo/a/../../x.pt", "hf://org/repo/./model.pt",
+                "hf://org/repo/a//b"):
+        with pytest.raises(CheckpointError, match="may not leave the repository"):
+            resolve_load_path(bad, cache_dir=cache, offline=True)
+    root = cache / "snap"
+    with pytest.raises(CheckpointError, match="outside the downloaded snapshot"):
+        inside_snapshot(root, "../other", "hf://o/r/../other")
+    assert inside_snapshot(root, "ckpt/iter_000000001", "s") == root / "ckpt" / "iter_000000001"
+
+
 def test_a_bug_keeps_its_traceback_instead_of_a_damaged_checkpoint_message(tmp_path, monkeypatch):
     import cosmos_train.export.load as load_module
 
