@@ -13,7 +13,7 @@ COUNTS = {"2b": (1_956_413_440, 567), "14b": (14_265_285_632, 727)}
 
 @pytest.mark.parametrize("preset", ["2b", "14b"])
 def test_full_model_states_match_released_parameter_counts(preset):
-    spec = load_spec_text(f'[model]\npreset = "{preset}"\ntokenizer = {{kind = "wan2.1"}}\n')
+    spec = load_spec_text(f'[model]\npreset = "{preset}"\ntokenizer = {{kind = "wan2.1", path = "vae"}}\n')
     inv = inventory(meta_model(spec))
     count, tensors = COUNTS[preset]
     assert inv.num_params == count and len(inv.params) == tensors and inv.num_trainable == count
@@ -25,7 +25,7 @@ def test_full_model_states_match_released_parameter_counts(preset):
 
 
 def test_lora_trainable_bytes_follow_the_injected_adapters():
-    spec = load_spec_text('[model]\npreset = "2b"\ntrain_architecture = "lora"\ntokenizer = {kind = "wan2.1"}\n'
+    spec = load_spec_text('[model]\npreset = "2b"\ntrain_architecture = "lora"\ntokenizer = {kind = "wan2.1", path = "vae"}\n'
                           '[model.lora]\nrank = 16\nalpha = 16\n')
     inv = inventory(meta_model(spec))
     D, r, ctx, blocks = 2048, 16, 1024, 28
