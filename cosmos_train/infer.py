@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cosmos_train.checkpoint.layout import find_run_dir
+from cosmos_train.layout import find_run_dir
 from cosmos_train.data.embeddings import EmbeddingStore
 from cosmos_train.data.video import resize_video, write_mp4
 from cosmos_train.errors import CosmosTrainError

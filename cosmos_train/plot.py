@@ -157,7 +157,7 @@ class CheckpointRow:
 
 def checkpoint_rows(run_dir: Path, *, checksums: bool = False) -> list[CheckpointRow]:
     """Every iteration dir of the run, with its size and the integrity check's verdict."""
-    from cosmos_train.checkpoint import layout
+    from cosmos_train import layout
     from cosmos_train.checkpoint.integrity import verify
 
     ckpt_dir = layout.checkpoints_dir(run_dir)

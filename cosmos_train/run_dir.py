@@ -3,7 +3,7 @@ the architecture.
 
     {output_root}/{project}/{group}/{name}/     `ExperimentSpec.run_dir()`
       spec.toml                                 SPEC_FILE, the resolved spec (`write_spec`)
-      checkpoints/                              `checkpoint.layout`
+      checkpoints/                              `layout.py`
       logs/metrics.jsonl                        `logs_dir`, `train_log.METRICS_FILE`
     {output_root}/.cache/                       `data_cache_dir`: generated synthetic data, shared by runs
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cosmos_train.errors import CosmosTrainError, SpecError
+from cosmos_train.layout import SPEC_FILE
 from cosmos_train.spec import ExperimentSpec, load_spec
 
-SPEC_FILE = "spec.toml"
 LOGS_DIR = "logs"
 DATA_CACHE_DIR = ".cache"
 
@@ -73,7 +73,7 @@ def make_run_dir(run_dir: Path) -> None:
 
 def write_spec(spec: ExperimentSpec, run_dir: Path) -> Path:
     """Write the resolved spec atomically as RUN_DIR/spec.toml (it holds no secrets)."""
-    from cosmos_train.checkpoint.layout import atomic_write_text
+    from cosmos_train.layout import atomic_write_text
 
     from cosmos_train.disk import disk_full_message, is_disk_full
 
@@ -99,7 +99,7 @@ def prepare_run_dir(spec: ExperimentSpec, run_dir: Path | None = None) -> Path:
         if changes:
             raise SpecError(f"{saved}: the run was created with another architecture; start a new run "
                             "(job.name=...) or restore these fields:\n" + "\n".join(changes))
-        from cosmos_train.checkpoint.layout import checkpoints_dir, committed_iterations
+        from cosmos_train.layout import checkpoints_dir, committed_iterations
 
         if old.job.seed != spec.job.seed and committed_iterations(checkpoints_dir(run_dir)):
             # the checkpoint's RNG streams and data order win; spec.toml must not claim another seed

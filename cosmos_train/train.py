@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from cosmos_train.checkpoint.collectives import agree
-from cosmos_train.checkpoint.layout import checkpoints_dir, remove_partial
+from cosmos_train.layout import checkpoints_dir, remove_partial
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.checkpoint.trainer_state import TrainerState, derived_seed
 from cosmos_train.data.loader import build_dataloader

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.errors import CheckpointError
 from cosmos_train.nonfinite import NonFiniteGuard, NonFiniteLossError

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from cosmos_train.checkpoint.layout import checkpoints_dir, read_latest
+from cosmos_train.layout import checkpoints_dir, read_latest
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.train import train
 from tests.dist import run_ranks

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cosmos_train.checkpoint.layout import checkpoints_dir, read_latest
+from cosmos_train.layout import checkpoints_dir, read_latest
 from cosmos_train.models.ema import ema_beta, gamma_from_s
 from cosmos_train.train import train
 from tests.train_fixtures import read_dcp, small_spec

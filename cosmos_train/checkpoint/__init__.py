@@ -2,6 +2,6 @@
 (`save_modes`), integrity manifests (`integrity`), RNG and data position (`trainer_state`), inspection (`inspect`).
 
 Tensor formats, the weight loader and conversions live in `cosmos_train.export`. Import the submodules
-directly (`from cosmos_train.checkpoint.layout import resolve_iteration_dir`); this package import stays
+directly (`from cosmos_train.layout import resolve_iteration_dir`); this package import stays
 light so the CLI starts fast.
 """

@@ -7,7 +7,7 @@ import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.integrity import verify
 from cosmos_train.errors import CheckpointError
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from cosmos_train.checkpoint.layout import COMMITTED_MARKER, MANIFEST_FILE, PARTS, read_manifest  # noqa: F401
+from cosmos_train.layout import COMMITTED_MARKER, MANIFEST_FILE, PARTS, read_manifest  # noqa: F401
 from cosmos_train.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def data_files(iter_dir: str | Path) -> list[str]:
 
 def write_manifest(iter_dir: str | Path, entries: dict[str, dict], *, extra: dict | None = None) -> Path:
     """Write `MANIFEST.json` (fsynced) with `entries` {relative path: {"size", "crc32"}}."""
-    from cosmos_train.checkpoint.layout import atomic_write_text
+    from cosmos_train.layout import atomic_write_text
 
     doc = {"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, **(extra or {}),
            "files": dict(sorted(entries.items()))}
@@ -185,7 +185,7 @@ def adopt_uncommitted(ckpt_dir: str | Path) -> list[Path]:
     Such a dir is complete when a crash fell between its rename and its marker (the manifest
     is written before the rename). Returns the iterations committed here.
     """
-    from cosmos_train.checkpoint import layout
+    from cosmos_train import layout
 
     adopted = []
     for it in layout.uncommitted_dirs(ckpt_dir):

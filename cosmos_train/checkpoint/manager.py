@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.collectives import agree, barrier, dist_on, rank, world
 from cosmos_train.disk import disk_full_message, is_disk_full
 from cosmos_train.checkpoint.integrity import (

@@ -39,7 +39,7 @@ def inspect(
 
     Example: cosmos-train inspect outputs/proj/group/run --iter 200 --verify
     """
-    from cosmos_train.checkpoint import layout
+    from cosmos_train import layout
     from cosmos_train.checkpoint.inspect import (deep_verify, file_tensor_rows, list_iteration_rows,
                                                  resolve_for_inspect, tensor_rows)
     from cosmos_train.checkpoint.integrity import checks_run

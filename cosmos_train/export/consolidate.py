@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from cosmos_train.checkpoint.layout import (
+from cosmos_train.layout import (
     SPEC_FILE, find_run_dir, install, is_committed, read_manifest, resolve_iteration_dir)
 from cosmos_train.disk import disk_full_message, free_bytes, is_disk_full
 from cosmos_train.errors import CheckpointError, CosmosTrainError

@@ -22,8 +22,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 
-from cosmos_train.checkpoint import layout
-from cosmos_train.checkpoint.layout import MANIFEST_FILE, install
+from cosmos_train import layout
+from cosmos_train.layout import MANIFEST_FILE, install
 from cosmos_train.errors import CosmosTrainError
 from cosmos_train.export.consolidate import ConsolidateReport, byte_progress, peak_rss_bytes
 from cosmos_train.export.tensor_source import open_source

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 
 METADATA_FILE = ".metadata"

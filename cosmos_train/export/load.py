@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 from cosmos_train.export.keys import KeyPlan, format_key_problems, plan_keys
 from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorSource, describe_failure, open_source

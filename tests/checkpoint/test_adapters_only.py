@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.integrity import read_manifest
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.errors import CheckpointError

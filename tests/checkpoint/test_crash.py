@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.manager import Checkpointer
 from tests.checkpoint.toy import build, spec
 

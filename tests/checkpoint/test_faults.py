@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 from tests.checkpoint.toy import assert_same, build, full_state, spec, train_steps

@@ -6,7 +6,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.cli.inspect import inspect
 from tests.checkpoint.toy import build, spec, train_steps

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.integrity import MANIFEST_FILE, read_manifest, verify
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.errors import CheckpointError

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.run_dir import write_spec
 from cosmos_train.spec import ExperimentSpec

@@ -6,7 +6,7 @@ import av
 import torch
 from typer.testing import CliRunner
 
-from cosmos_train.checkpoint.layout import checkpoints_dir, read_latest
+from cosmos_train.layout import checkpoints_dir, read_latest
 from cosmos_train.cli import app
 from tests.train_fixtures import metrics, small_spec
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cosmos_train.checkpoint.layout import checkpoints_dir, read_latest
+from cosmos_train.layout import checkpoints_dir, read_latest
 from tests.train_fixtures import ROOT, metrics, small_spec
 
 

@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cosmos_train.checkpoint import layout
+from cosmos_train import layout
 from cosmos_train.export.dcp_safe import _DCP_CLASSES, MetadataUnpickler, read_metadata_file
 from cosmos_train.checkpoint.manager import Checkpointer
 from cosmos_train.cli.inspect import inspect

@@ -20,7 +20,7 @@ from diffusers import CosmosTransformer3DModel  # noqa: E402
 from diffusers.models.transformers import transformer_cosmos  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from cosmos_train.checkpoint.layout import checkpoints_dir, read_latest  # noqa: E402
+from cosmos_train.layout import checkpoints_dir, read_latest  # noqa: E402
 from cosmos_train.cli import app  # noqa: E402
 from cosmos_train.errors import CheckpointError, CosmosTrainError  # noqa: E402
 from cosmos_train.export import diffusers as dmap  # noqa: E402
