@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from cosmos_train.runtime.distributed import dist_on, rank
+from cosmos_train.runtime.distributed import world_size as world
 
-def dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank(pg=None) -> int:
-    return dist.get_rank(pg) if dist_on() else 0
-
-
-def world(pg=None) -> int:
-    return dist.get_world_size(pg) if dist_on() else 1
+__all__ = ["agree", "barrier", "dist_on", "rank", "world"]
 
 
 def agree(value, pg=None):

@@ -24,16 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
+
+from cosmos_train.runtime.distributed import rank, world_size
 
 log = logging.getLogger(__name__)
 
 
 def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank(), world_size()
 
 
 def derived_seed(seed: int, step: int, rank: int) -> int:

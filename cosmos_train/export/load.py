@@ -35,6 +35,7 @@ from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 from cosmos_train.export.keys import KeyPlan, format_key_problems, plan_keys
 from cosmos_train.export.tensor_source import STORAGE_ERRORS, TensorSource, describe_failure, open_source
 from cosmos_train.hub import HF_SCHEME, hf_fetch
+from cosmos_train.runtime.distributed import dist_on, rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ def resolve_load_path(load_path: str | Path, *, cache_dir: str | Path | None = N
 
 # --------------------------------------------------------------------- loading
 def _world() -> tuple[bool, int]:
-    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return multi, dist.get_rank() if multi else 0
+    multi = world_size() > 1
+    return multi, rank() if multi else 0
 
 
 def _share(value, multi: bool):
@@ -144,7 +145,7 @@ def _read_dcp(part_dir: Path, msd: dict, esd: dict | None, plan: KeyPlan) -> Non
     request = {ck: msd[k] for k, ck in plan.reg.items()}
     if esd is not None and plan.ema is not None:
         request.update({ck: esd[k] for k, ck in plan.ema.items()})
-    no_dist = not (dist.is_available() and dist.is_initialized())
+    no_dist = not dist_on()
     try:
         with warnings.catch_warnings():
             # no_dist is deliberate for one process; DCP warns that it assumes a single process.
