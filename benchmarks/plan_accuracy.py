@@ -54,7 +54,7 @@ def _rank_main(rank: int, world: int, port: int, case: dict, out_q) -> None:
     torch.set_num_threads(1)
     from cosmos_train.plan.measure import measure_peak
     from cosmos_train.runtime.mesh import build_parallel_dims
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     try:
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(VARIANTS))
     args = ap.parse_args()
     from cosmos_train.plan.planner import Hardware, plan
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     t0 = time.perf_counter()
     todo = cases(args.only)

@@ -58,7 +58,8 @@ from cosmos_train.models.diffusion import training_loss  # noqa: E402
 from cosmos_train.models.dit import DiT  # noqa: E402
 from cosmos_train.models.tokenizer import build_tokenizer  # noqa: E402
 from cosmos_train.runtime.memory import peak_rss_bytes  # noqa: E402
-from cosmos_train.spec import ExperimentSpec, load_spec  # noqa: E402
+from cosmos_train.spec import ExperimentSpec  # noqa: E402
+from cosmos_train.spec_loading import load_spec  # noqa: E402
 from cosmos_train.train import train  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
 

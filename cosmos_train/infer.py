@@ -34,7 +34,8 @@ from cosmos_train.run_dir import SPEC_FILE
 from cosmos_train.runtime.attention import build_attention
 from cosmos_train.runtime.context_parallel import apply_context_parallel
 from cosmos_train.runtime.distributed import distributed, log
-from cosmos_train.spec import ExperimentSpec, LoraSpec, ParallelSpec, load_spec, load_spec_text
+from cosmos_train.spec import ExperimentSpec, LoraSpec, ParallelSpec
+from cosmos_train.spec_loading import load_spec, load_spec_text
 
 MAX_TEXT_TOKENS = 512
 

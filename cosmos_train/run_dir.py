@@ -16,7 +16,8 @@ from typing import Any
 
 from cosmos_train.errors import CosmosTrainError, SpecError
 from cosmos_train.layout import SPEC_FILE
-from cosmos_train.spec import ExperimentSpec, load_spec
+from cosmos_train.spec import ExperimentSpec
+from cosmos_train.spec_loading import load_spec
 
 LOGS_DIR = "logs"
 DATA_CACHE_DIR = ".cache"

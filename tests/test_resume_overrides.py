@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cosmos_train.cli import app
 from cosmos_train.optim import LambdaLinear
-from cosmos_train.spec import load_spec
+from cosmos_train.spec_loading import load_spec
 from cosmos_train.train import train
 from tests.train_fixtures import metrics, small_spec
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from cosmos_train.errors import SpecError
-from cosmos_train.spec import ExperimentSpec, apply_overrides, json_schema, load_spec, load_spec_text
+from cosmos_train.spec import ExperimentSpec
+from cosmos_train.spec_loading import apply_overrides, json_schema, load_spec, load_spec_text
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.toml"))
 

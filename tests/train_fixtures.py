@@ -9,7 +9,9 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from cosmos_train.spec import ExperimentSpec, load_spec_text
+from cosmos_train.spec import ExperimentSpec
+
+from cosmos_train.spec_loading import load_spec_text
 
 ROOT = Path(__file__).parents[1]
 

@@ -115,7 +115,9 @@ def embed(
     from cosmos_train.data.text_embed import embed_captions
     from cosmos_train.models.text_encoder import T5TextEncoder
 
-    from cosmos_train.spec import TextEncoderSpec, load_spec
+    from cosmos_train.spec import TextEncoderSpec
+
+    from cosmos_train.spec_loading import load_spec
 
     section = load_spec(spec).model.text_encoder if spec is not None else TextEncoderSpec()
     dtype = dtype or section.dtype
@@ -146,7 +148,7 @@ def encode(
     """
     from cosmos_train.data.latents import encode_dataset
     from cosmos_train.models.tokenizer import build_tokenizer
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     exp = load_spec(spec)
     tokenizer = build_tokenizer(exp.model.tokenizer, latent_channels=exp.model.dit_config().latent_channels)

@@ -47,7 +47,7 @@ def plan(
     from cosmos_train.plan.fixes import find_fixes
     from cosmos_train.plan.planner import Hardware, plan as make_plan
     from cosmos_train.plan.report import tables, to_json
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     if world is not None and nodes is not None:
         raise CosmosTrainError("give --world N or --nodes N --gpus-per-node G, not both")

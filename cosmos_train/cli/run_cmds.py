@@ -26,7 +26,7 @@ def run(
     Multi-process: torchrun --nproc_per_node=2 -m cosmos_train run examples/tiny.toml parallel.cp=2 job.name=cp2
     """
     from cosmos_train.run_dir import SPEC_FILE, prepare_run_dir
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     resolved = load_spec(spec, overrides or [])
     if dry_run:
@@ -49,7 +49,7 @@ def resume(
     Example: cosmos-train resume outputs/cosmos_train/examples/tiny trainer.max_iter=120
     """
     from cosmos_train.run_dir import SPEC_FILE
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     spec_path = run_dir / SPEC_FILE
     if not spec_path.exists():

@@ -18,7 +18,7 @@ def validate(spec: SpecArg, overrides: OverridesArg = None) -> None:
 
     Example: cosmos-train validate examples/2b_lora.toml parallel.cp=4
     """
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     load_spec(spec, overrides or [])
     console.print(f"[green]ok[/green] {spec}")
@@ -31,7 +31,7 @@ def show(spec: SpecArg, overrides: OverridesArg = None) -> None:
     Example: cosmos-train show examples/2b_lora.toml parallel.cp=4
     """
     from cosmos_train.models.dit import count_parameters
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     resolved = load_spec(spec, overrides or [])
     console.print(Syntax(resolved.to_toml(), "toml", theme="ansi_dark", background_color="default"))
@@ -53,6 +53,6 @@ def schema(
 
         typer.echo(spec_reference_markdown())
         return
-    from cosmos_train.spec import json_schema
+    from cosmos_train.spec_loading import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=indent))

@@ -353,7 +353,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, *, iteration: in
     spec = None
     if diffusers_out:
         from cosmos_train.export.diffusers import TRANSFORMER_SUBFOLDER, WEIGHTS_NAME
-        from cosmos_train.spec import load_spec
+        from cosmos_train.spec_loading import load_spec
 
         if run_dir is None:
             raise CosmosTrainError(f"{it_dir}: --format diffusers needs the run's spec.toml (config.json is "

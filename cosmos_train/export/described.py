@@ -24,7 +24,8 @@ def sidecar_path(weights: str | Path) -> Path:
 
 def exported_spec_text(run_spec: Path, *, merged: bool) -> str:
     """The run's spec as TOML, rewritten to describe a merged (plain DiT) file when `merged`."""
-    from cosmos_train.spec import ExperimentSpec, load_spec
+    from cosmos_train.spec import ExperimentSpec
+    from cosmos_train.spec_loading import load_spec
 
     spec = load_spec(run_spec)
     if merged:

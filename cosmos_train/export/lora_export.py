@@ -110,7 +110,7 @@ def resolve_scale(run_dir: Path | None, entries: dict[str, TensorEntry], keys: l
 def _spec_lora(run_dir: Path | None):
     if run_dir is None:
         return None
-    from cosmos_train.spec import load_spec
+    from cosmos_train.spec_loading import load_spec
 
     return load_spec(run_dir / "spec.toml").model.lora
 

@@ -40,7 +40,8 @@ from cosmos_train.plan.model_states import FP32, ModelInventory, ModelStates, in
 from cosmos_train.plan.trace import ActivationTrace, trace_step
 from cosmos_train.runtime.fsdp import mixed_precision_dtypes
 from cosmos_train.runtime.mesh import ParallelDims, build_parallel_dims
-from cosmos_train.spec import ExperimentSpec, apply_overrides, validate_spec
+from cosmos_train.spec import ExperimentSpec
+from cosmos_train.spec_loading import apply_overrides, validate_spec
 
 GiB = 1 << 30
 FIT_FRACTION = 0.95  # above 95 % of the card the CUDA context and allocator fragmentation make it a gamble

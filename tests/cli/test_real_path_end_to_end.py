@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cosmos_train.cli import app
 from cosmos_train.data.latents import CACHE_NAME, LatentStore
 from cosmos_train.data.video import write_mp4
-from cosmos_train.spec import apply_overrides, load_raw, validate_spec
+from cosmos_train.spec_loading import apply_overrides, load_raw, validate_spec
 from tests.data.media import ramp_frames
 from tests.tiny_assets import save_tiny_t5, save_vae_both_layouts, tiny_vae
 from tests.train_fixtures import ROOT

@@ -211,7 +211,7 @@ def test_consolidated_files_describe_their_spec(runs, tmp_path):
     from cosmos_train.export.load import resolve_load_path
     from cosmos_train.export.safetensors_io import SafetensorsSource
     from cosmos_train.infer import InferenceRequest, resolve_spec
-    from cosmos_train.spec import load_spec_text
+    from cosmos_train.spec_loading import load_spec_text
 
     st = consolidate(runs["lora"], tmp_path / "lora.safetensors", progress=False).outputs[0]
     text = SafetensorsSource(st).metadata()[SPEC_METADATA_KEY]

@@ -8,7 +8,8 @@ from cosmos_train.models.tokenizer import build_tokenizer
 from cosmos_train.models.wan_vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, config_from_original,
                                          convert_original_state_dict, diffusers_to_original_key,
                                          original_to_diffusers_key)
-from cosmos_train.spec import TokenizerSpec, load_spec_text
+from cosmos_train.spec import TokenizerSpec
+from cosmos_train.spec_loading import load_spec_text
 from tests.tiny_assets import TINY_VAE, original_state_dict, save_vae_both_layouts, tiny_vae
 
 

@@ -3,7 +3,7 @@
 import torch
 
 from cosmos_train.plan.planner import GiB, Hardware, plan
-from cosmos_train.spec import load_spec
+from cosmos_train.spec_loading import load_spec
 from tests.dist import run_ranks
 
 OVERRIDES = ['trainer.device="cpu"', 'trainer.precision="fp32"', "parallel.cp=2", 'parallel.cp_mode="ring"']

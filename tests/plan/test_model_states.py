@@ -6,7 +6,7 @@ import pytest
 
 from cosmos_train.plan.model_states import TensorInfo, inventory, model_states
 from cosmos_train.plan.planner import meta_model
-from cosmos_train.spec import load_spec_text
+from cosmos_train.spec_loading import load_spec_text
 
 COUNTS = {"2b": (1_956_413_440, 567), "14b": (14_265_285_632, 727)}
 

@@ -5,7 +5,7 @@ import logging
 import torch
 
 from cosmos_train.plan.startup import startup_plan
-from cosmos_train.spec import load_spec
+from cosmos_train.spec_loading import load_spec
 
 
 def test_startup_plan_summary_and_muted_build_logs(caplog):

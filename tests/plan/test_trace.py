@@ -4,7 +4,7 @@ import torch
 
 from cosmos_train.plan.planner import GiB, Hardware, plan, with_overrides
 from cosmos_train.plan.trace import LiveBytes
-from cosmos_train.spec import load_spec
+from cosmos_train.spec_loading import load_spec
 
 CPU = Hardware(world=2, gpus_per_node=2, gpu_mem=64 * GiB, device_type="cpu")
 
