@@ -66,19 +66,24 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise CosmosTrainError(f"{path}: cannot read video: {e}") from None
 
 
+def _frames(container: "av.container.InputContainer", path: Path):
+    """The clip's decoded frames, in order; BadClipError when it has no video stream."""
+    if not container.streams.video:
+        raise BadClipError(f"{path}: has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container.decode(stream)
+
+
 def read_frames(path: str | Path, *, start: int, num_frames: int) -> np.ndarray:
     """Decode frames [start, start + num_frames) as uint8 (T, H, W, 3) RGB."""
     path = Path(path)
     out: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise BadClipError(f"{path}: has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
             # Sequential decode from the first frame: exact for any frame timing, at the cost of
             # decoding the frames before the window.
-            for i, frame in enumerate(container.decode(stream)):
+            for i, frame in enumerate(_frames(container, path)):
                 if i >= start:
                     out.append(frame.to_ndarray(format="rgb24"))
                     if len(out) == num_frames:
@@ -100,11 +105,7 @@ def decode_all(path: str | Path) -> int:
     n = 0
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise BadClipError(f"{path}: has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for _ in container.decode(stream):
+            for _ in _frames(container, path):
                 n += 1
     except av.error.FFmpegError as e:
         raise BadClipError(f"{path}: cannot decode frame {n}: {e}") from None
