@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cosmos_train.write_behind import WriteBehind
+
 MODES = ("auto", "kernel", "buffered")
 PIECE_BYTES = 8 << 20
 # copy_file_range failures that mean "not here" (cross-device on old kernels, FUSE, some
@@ -237,7 +239,7 @@ class _Buffers:
 
 def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Range], *, mode: str = "auto",
                 checksum: bool = False, threads: int = 2, piece_bytes: int = PIECE_BYTES,
-                progress: Callable[[int], None] | None = None) -> CopyStats:
+                progress: Callable[[int], None] | None = None, write_behind: bool = True) -> CopyStats:
     """Copy every range of `ranges` from `sources[r.src]` into the open file `dst_fd`.
 
     The destination is written at explicit offsets only (its file position is
@@ -245,6 +247,7 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
     `checksum=True` returns each range's CRC32 in `stats.crcs` (source bytes) and
     `stats.out_crcs` (written bytes), computed as the bytes pass (buffered).
     `progress(n)` is called (from the copy threads) with the bytes written by each piece.
+    `write_behind` starts the writeback of every piece as soon as it is written (`WriteBehind`).
     Raises OSError/EOFError naming the source file on a read failure.
     """
     if mode not in MODES:
@@ -263,6 +266,7 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         use_kernel = [mode == "kernel" or (mode == "auto" and not checksum)]
         local = threading.local()
+        behind = WriteBehind(dst_fd) if write_behind else None
 
         def run(p: _Piece) -> None:
             try:
@@ -270,6 +274,8 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                     try:
                         _kernel_copy(fds[p.src], dst_fd, p)
                         stats._add(p.length, p.length, kernel=True)
+                        if behind is not None:
+                            behind.written(p.dst_offset, p.length)
                         if progress is not None:
                             progress(p.length)
                         return
@@ -283,6 +289,8 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                     bufs = local.bufs = _Buffers(min(piece_bytes, 1 << 20))
                 part_crcs[(p.index, p.part)] = _buffered_copy(fds[p.src], dst_fd, p, bufs, checksum)
                 stats._add(p.length, _out_len(p), kernel=False)
+                if behind is not None:
+                    behind.written(p.dst_offset, _out_len(p))
                 if progress is not None:
                     progress(_out_len(p))
             except EOFError as e:
