@@ -208,6 +208,8 @@ def _fill(reader: DcpSource, f: _OutFile, fd: int, plan: dict, src_of: dict[str,
             owners.append((e.name, c))
     # A .pt needs each record's CRC32: from DCP's stored chunk CRCs, else computed on the way.
     need_crc = verify_source or (f.is_pt and any(c.crc32 is None for _, c in owners))
+    if need_crc and mode == "kernel":
+        mode = "buffered"  # a CRC needs the bytes in user space, whatever the copy mode asked
     try:
         cs = copy_ranges([reader.path / s for s in sources], fd, ranges, mode=mode, checksum=need_crc,
                          threads=threads, progress=progress)

@@ -16,19 +16,11 @@ shape (so a strided or offset storage is never copied as if it were plain).
 
 from __future__ import annotations
 
-import io
 import os
-import struct
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from cosmos_train.export.pt_io import _PICKLE_PROTOCOL, _StorageStub, _StubPickler, _TensorStub
-
-_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
-_LOCAL_SIG = 0x04034B50
+from cosmos_train.export.dcp_chunk import read_layout
 
 
 @dataclass(frozen=True)
@@ -40,75 +32,6 @@ class ChunkBytes:
     length: int
     dst_offset: int
     crc32: int | None  # from the chunk's zip record; None when the writer stored none
-
-
-class _SliceFile(io.RawIOBase):
-    """A read-only, seekable window `[start, start + length)` of an open file, for `zipfile`."""
-
-    def __init__(self, fd: int, start: int, length: int):
-        self._fd, self._start, self._len, self._pos = fd, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._len}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, b) -> int:
-        n = max(0, min(len(b), self._len - self._pos))
-        if n == 0:
-            return 0
-        data = os.pread(self._fd, n, self._start + self._pos)
-        b[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
-def _expected_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
-    """`data.pkl` that `torch.save(t)` writes for a contiguous tensor `t` with its own exact storage."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * dtype.itemsize
-    buf = io.BytesIO()
-    _StubPickler(buf, protocol=_PICKLE_PROTOCOL).dump(_TensorStub(_StorageStub("0", dtype, numel, nbytes), shape))
-    return buf.getvalue()
-
-
-def _chunk_payload(fd: int, offset: int, length: int, dtype: torch.dtype,
-                   shape: tuple[int, ...]) -> tuple[int, int, int | None] | None:
-    """`(absolute offset, length, crc32)` of the raw bytes in one DCP chunk, or None if it is not plain."""
-    try:
-        z = zipfile.ZipFile(_SliceFile(fd, offset, length))
-        infos = z.infolist()
-        data = [i for i in infos if i.filename.endswith("/data/0")]
-        pkl = [i for i in infos if i.filename.endswith("/data.pkl")]
-        if len(data) != 1 or len(pkl) != 1 or any(i.filename.count("/data/") != 1
-                                                    for i in infos if "/data/" in i.filename):
-            return None  # more than one storage: not a lone contiguous tensor
-        d = data[0]
-        if d.compress_type != zipfile.ZIP_STORED or z.read(pkl[0]) != _expected_pickle(dtype, shape):
-            return None
-        head = os.pread(fd, _LOCAL_HEADER.size, offset + d.header_offset)
-        sig, *_, name_len, extra_len = _LOCAL_HEADER.unpack(head)
-        if sig != _LOCAL_SIG:
-            return None
-        start = d.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        if start + d.file_size > length:
-            return None
-        # torch's writer always fills in the CRC unless crc32 was turned off (then it stores 0).
-        crc = d.CRC if (d.CRC != 0 or d.file_size == 0) else None
-        return offset + start, d.file_size, crc
-    except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError):
-        return None
 
 
 def plan_tensor_bytes(path: str | Path, metadata, keys: list[str]) -> dict[str, list[ChunkBytes] | None]:
@@ -151,10 +74,10 @@ def _plan_one(path: Path, md, infos: dict, fds: dict[str, int]) -> list[ChunkByt
         fd = fds.get(info.relative_path)
         if fd is None:
             fd = fds[info.relative_path] = os.open(path / info.relative_path, os.O_RDONLY)
-        found = _chunk_payload(fd, info.offset, info.length, dtype, sizes)
+        found = read_layout(fd, info.offset, info.length, dtype, sizes)
         if found is None:
             return None
-        start, n, crc = found
+        start, n, crc = found.data_start, found.nbytes, found.crc32
         expect = row * (sizes[0] if shape else 1)
         if n != expect:
             return None

@@ -1,0 +1,158 @@
+"""Where the raw bytes of one DCP chunk lie, read from the chunk's two ends without unpickling anything.
+
+DCP stores every chunk of a tensor as a small `torch.save` zip inside a shard
+file. For a plain contiguous tensor that zip is: `data.pkl` (a fixed pickle
+naming one storage), a few tiny records (`byteorder`, versions), the `data/0`
+record holding the tensor's raw bytes (stored, not compressed), and the central
+directory. `read_layout` reads the last few KiB (central directory: names,
+sizes, CRC32s, offsets) and the first few hundred bytes (the pickle and
+`data/0`'s local header), checks that the pickle is exactly what `torch.save`
+writes for a contiguous tensor of the chunk's dtype and shape, little-endian,
+and says where the raw bytes are. Callers copy those bytes file to file
+(consolidation) or read them straight into the destination tensor (loading).
+Anything unexpected (another pickle, compression, zip64 offsets, more than one
+storage) returns None: the caller then reads the chunk the ordinary way.
+
+The bytes before and after the data are returned too, so a reader can CRC the
+whole chunk (the manifest's per-file CRC32) while reading the data only once.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from cosmos_train.export.pt_io import _PICKLE_PROTOCOL, _StorageStub, _StubPickler, _TensorStub
+
+_EOCD = struct.Struct("<IHHHHIIH")  # end of central directory, 22 bytes
+_CD = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes + name + extra + comment
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # local file header, 30 bytes + name + extra
+_EOCD_SIG, _CD_SIG, _LOCAL_SIG = 0x06054B50, 0x02014B50, 0x04034B50
+TAIL_BYTES = 4096  # the central directory of a one-tensor torch.save zip is ~500 bytes
+_MAX_GAP = 1 << 20  # bytes after the data beyond which a chunk is not "plain"
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """One chunk's raw tensor bytes: `nbytes` at absolute `data_start` of the shard file."""
+
+    data_start: int
+    nbytes: int
+    crc32: int | None  # of the data, from the zip; None when the writer stored none
+    head: bytes  # the chunk's bytes before the data
+    tail: bytes  # the chunk's bytes after the data
+
+
+@functools.lru_cache(maxsize=256)
+def expected_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """`data.pkl` that `torch.save(t)` writes for a contiguous tensor `t` with its own exact storage."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    buf = io.BytesIO()
+    _StubPickler(buf, protocol=_PICKLE_PROTOCOL).dump(
+        _TensorStub(_StorageStub("0", dtype, numel, numel * dtype.itemsize), shape))
+    return buf.getvalue()
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes | None:
+    data = os.pread(fd, n, offset)
+    return data if len(data) == n else None
+
+
+def _central_directory(tail: bytes, tail_start: int) -> dict[str, tuple] | None:
+    """name -> (method, crc, size, local header offset), all relative to the chunk; None if unusual."""
+    sig, _, _, n_here, n_total, cd_size, cd_off, comment = _EOCD.unpack_from(tail, len(tail) - _EOCD.size)
+    if sig != _EOCD_SIG or comment or n_here != n_total or 0xFFFFFFFF in (cd_off, cd_size) or n_here == 0xFFFF:
+        return None
+    pos = cd_off - tail_start
+    if pos < 0 or pos + cd_size > len(tail) - _EOCD.size:
+        return None  # zip64 end records may sit between the directory and the EOCD; nothing else
+    out = {}
+    for _ in range(n_total):
+        if pos + _CD.size > len(tail):
+            return None
+        f = _CD.unpack_from(tail, pos)
+        if f[0] != _CD_SIG:
+            return None
+        name_len, extra_len, comment_len = f[10], f[11], f[12]
+        name = tail[pos + _CD.size:pos + _CD.size + name_len].decode("utf-8", "replace")
+        csize, usize, lho = f[8], f[9], f[16]
+        if 0xFFFFFFFF in (csize, usize, lho) or csize != usize:
+            return None
+        out[name] = (f[4], f[7], csize, lho)
+        pos += _CD.size + name_len + extra_len + comment_len
+    return out
+
+
+def _record(head: bytes, lho: int, size: int) -> tuple[int, bytes] | None:
+    """(data offset, data) of the record whose local header is at `lho`, if `head` holds all of it."""
+    if lho + _LOCAL.size > len(head):
+        return None
+    f = _LOCAL.unpack_from(head, lho)
+    if f[0] != _LOCAL_SIG:
+        return None
+    start = lho + _LOCAL.size + f[9] + f[10]
+    return start, head[start:start + size]
+
+
+def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
+                shape: tuple[int, ...]) -> ChunkLayout | None:
+    """Where the raw bytes of the chunk at `(offset, length)` of the open shard file `fd` lie, or None."""
+    if length < _EOCD.size or sys.byteorder != "little":
+        return None
+    tail_start = max(0, length - TAIL_BYTES)
+    tail = _pread(fd, length - tail_start, offset + tail_start)
+    if tail is None:
+        return None
+    cd = _central_directory(tail, tail_start)
+    if cd is None:
+        return None
+    pkl = [k for k in cd if k.endswith("/data.pkl")]
+    data = [k for k in cd if "/data/" in k]
+    if len(pkl) != 1 or len(data) != 1 or not data[0].endswith("/data/0"):
+        return None  # more than one storage: not a lone contiguous tensor
+    numel = 1
+    for s in shape:
+        numel *= s
+    method, crc, nbytes, lho = cd[data[0]]
+    if method != 0 or cd[pkl[0]][0] != 0 or nbytes != numel * dtype.itemsize:
+        return None
+    # Everything before the data: pickle, small records, data/0's local header (alignment padding in
+    # its extra field). A little more than the offsets say, to cover that header's name and extra.
+    want = lho + _LOCAL.size + len(data[0]) + 512
+    head = _pread(fd, min(want, length), offset)
+    if head is None:
+        return None
+    rec = _record(head, lho, 0)
+    if rec is None or rec[0] + nbytes > length:
+        return None
+    start = rec[0]
+    head = head[:start]
+    _, _, pkl_size, pkl_lho = cd[pkl[0]]
+    pickled = _record(head, pkl_lho, pkl_size)
+    if pickled is None or pickled[1] != expected_pickle(dtype, tuple(shape)):
+        return None
+    order = [k for k in cd if k.endswith("/byteorder")]
+    if order:
+        found = _record(head, cd[order[0]][3], cd[order[0]][2])
+        if found is None or found[1] != b"little":
+            return None
+    end = start + nbytes
+    if end < tail_start:  # bytes between the data and the tail buffer
+        if tail_start - end > _MAX_GAP:
+            return None
+        gap = _pread(fd, tail_start - end, offset + end)
+        if gap is None:
+            return None
+        after = gap + tail
+    else:
+        after = tail[end - tail_start:]
+    # torch's writer fills in the CRC unless crc32 was turned off (then it stores 0).
+    return ChunkLayout(offset + start, nbytes, crc if (crc != 0 or nbytes == 0) else None, head, after)
