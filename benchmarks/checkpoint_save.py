@@ -91,7 +91,7 @@ def _read(f) -> int:
     return n
 
 
-def _bench(rank, world, root, gb):
+def _bench(rank, world, root, gb, repeats):
     root = Path(root)
     model, n = _model(gb)
     local = [p.detach().to_local() for p in model.parameters()]
@@ -174,60 +174,7 @@ def _bench(rank, world, root, gb):
     out["load_s"], out["load_gbps"], out["load_bitwise_equal"] = load_s, total_bytes / load_s / 1e9, same
     out.update(_load_verify_cost(model2, root / "off", total_bytes))
 
-    # Cold: raw read of the DCP files vs resume, page cache evicted before each.
-    it_dir = sorted((root / "off" / "checkpoints").glob("iter_*"))[-1]
-    files = sorted(p for p in it_dir.rglob("*") if p.is_file())
-    _evict(files)
-    dist.barrier()
-    t0 = time.perf_counter()
-    mine = sum(_read(f) for i, f in enumerate(files) if i % world == rank)
-    raw_read_s = _max(time.perf_counter() - t0)
-    t = torch.tensor([mine], dtype=torch.float64)
-    dist.all_reduce(t)
-    out["raw_read_s"], out["raw_read_gbps"] = raw_read_s, t.item() / raw_read_s / 1e9
-    _evict(files)
-    model3, _ = _model(gb)
-    ck = Checkpointer(CheckpointSpec(), root / "off", model=model3)
-    dist.barrier()
-    t0 = time.perf_counter()
-    assert ck.load() == 1
-    cold_s = _max(time.perf_counter() - t0)
-    ck.close()
-    out["load_cold_s"], out["load_cold_gbps"] = cold_s, total_bytes / cold_s / 1e9
-    out["ratio_load_cold_vs_raw_read"] = out["load_cold_gbps"] / out["raw_read_gbps"]
-    del model3
-
-    # load_path: a consolidated .pt / .safetensors, read on rank 0 and scattered.
-    from cosmos_train.export.consolidate import consolidate
-
-    for fmt in ("pt", "safetensors"):
-        f = root / f"model.{fmt}"
-        if rank == 0:
-            consolidate(it_dir, f, progress=False)
-        dist.barrier()
-        _evict([f])
-        dist.barrier()
-        t0 = time.perf_counter()
-        nread = _read(f) if rank == 0 else 0
-        raw_s = _max(time.perf_counter() - t0)
-        _evict([f])
-        model4, _ = _model(gb)
-        ck = Checkpointer(CheckpointSpec(), root / f"init_{fmt}", model=model4)
-        dist.barrier()
-        t0 = time.perf_counter()
-        assert ck.initialize(load_path=str(f))
-        lp_s = _max(time.perf_counter() - t0)
-        ck.close()
-        same = all(torch.equal(a.to_local(), c.to_local()) for a, c in zip(model.parameters(), model4.parameters()))
-        del model4
-        if rank == 0:
-            f.unlink()
-        t = torch.tensor([nread], dtype=torch.float64)
-        dist.all_reduce(t)
-        out[f"raw_read_{fmt}_gbps"] = t.item() / raw_s / 1e9
-        out[f"load_path_{fmt}_s"], out[f"load_path_{fmt}_gbps"] = lp_s, total_bytes / lp_s / 1e9
-        out[f"load_path_{fmt}_bitwise_equal"] = same
-        out[f"ratio_load_path_{fmt}_vs_raw_read"] = out[f"load_path_{fmt}_gbps"] / out[f"raw_read_{fmt}_gbps"]
+    out.update(_load_vs_read(model, gb, root, rank, world, repeats))
     out["ratio_sync_vs_raw"] = out["sync_save_gbps"] / out["raw_write_gbps"]
     out["ratio_async_blocking_vs_sync"] = out["async_blocking_s"] / out["sync_save_s"]
     out["ratio_async_pinned_blocking_vs_sync"] = out["async_pinned_blocking_s"] / out["sync_save_s"]
@@ -235,6 +182,81 @@ def _bench(rank, world, root, gb):
     out["ratio_async_blocking_vs_torch"] = out["async_blocking_s"] / out["torch_async_save_blocking_s"]
     out["ratio_async_pinned_blocking_vs_torch"] = out["async_pinned_blocking_s"] / out["torch_async_save_blocking_s"]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def _load_vs_read(model, gb, root: Path, rank: int, world: int, repeats: int) -> dict:
+    """Cold loads against cold raw reads of the same files, `repeats` interleaved pairs, medians.
+
+    Pairs: the DCP files (ranks read them round-robin) vs resume (`Checkpointer.load`); the
+    consolidated `.pt` / `.safetensors` (rank 0 reads the file) vs `initialize(load_path=...)`.
+    The page cache of the files is evicted before every side; within a pair the order
+    alternates between repeats.
+    """
+    from cosmos_train.export.consolidate import consolidate
+
+    it_dir = sorted((root / "off" / "checkpoints").glob("iter_*"))[-1]
+    dcp_files = sorted(p for p in it_dir.rglob("*") if p.is_file())
+    files = {"dcp": dcp_files, "pt": [root / "model.pt"], "safetensors": [root / "model.safetensors"]}
+    if rank == 0:
+        for fmt in ("pt", "safetensors"):
+            consolidate(it_dir, files[fmt][0], progress=False)
+    dist.barrier()
+
+    def raw(fmt):
+        mine = [f for i, f in enumerate(files[fmt]) if i % world == rank] if fmt == "dcp" else \
+            (files[fmt] if rank == 0 else [])
+        t0 = time.perf_counter()
+        n = sum(_read(f) for f in mine)
+        seconds = _max(time.perf_counter() - t0)
+        t = torch.tensor([n], dtype=torch.float64)
+        dist.all_reduce(t)
+        return seconds, t.item()
+
+    def load(fmt):
+        fresh, _ = _model(gb)
+        ck = Checkpointer(CheckpointSpec(), root / ("off" if fmt == "dcp" else f"init_{fmt}"), model=fresh)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if fmt == "dcp":
+            assert ck.load() == 1
+        else:
+            assert ck.initialize(load_path=str(files[fmt][0]))
+        seconds = _max(time.perf_counter() - t0)
+        ck.close()
+        same = all(torch.equal(a.to_local(), c.to_local()) for a, c in zip(model.parameters(), fresh.parameters()))
+        return seconds, same
+
+    out: dict = {}
+    for fmt in ("dcp", "pt", "safetensors"):
+        ratios, raw_s, load_s, equal = [], [], [], True
+        for r in range(repeats):
+            res = {}
+            for side in (("raw", "load") if r % 2 == 0 else ("load", "raw")):
+                _evict(files[fmt])
+                dist.barrier()
+                res[side] = raw(fmt) if side == "raw" else load(fmt)
+            (rs, nbytes), (ls, same) = res["raw"], res["load"]
+            equal &= same
+            raw_s.append(rs)
+            load_s.append(ls)
+            ratios.append(rs / ls)  # throughput ratio over the same bytes: raw time / load time
+        name = "resume" if fmt == "dcp" else f"load_path_{fmt}"
+        out[f"{name}_cold"] = {"raw_read_s": [round(x, 3) for x in raw_s], "load_s": [round(x, 3) for x in load_s],
+                               "raw_read_gbps_median": round(nbytes / _median(raw_s) / 1e9, 3),
+                               "load_gbps_median": round(nbytes / _median(load_s) / 1e9, 3),
+                               "throughput_vs_raw_read": [round(x, 3) for x in ratios],
+                               "throughput_vs_raw_read_median": round(_median(ratios), 3),
+                               "bitwise_equal": equal}
+    if rank == 0:
+        for fmt in ("pt", "safetensors"):
+            files[fmt][0].unlink()
+    return out
 
 
 def _load_verify_cost(model, run_dir: Path, total_bytes: float) -> dict:
@@ -247,8 +269,8 @@ def _load_verify_cost(model, run_dir: Path, total_bytes: float) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from cosmos_train.checkpoint.collectives import agree
-    from cosmos_train.export.dcp_safe import SafePlanner, SafeReader
-    from cosmos_train.checkpoint.integrity import read_manifest, verify_reads
+    from cosmos_train.export.dcp_safe import SafePlanner, SafeReader, verify_reads
+    from cosmos_train.layout import read_manifest
 
     it = run_dir / "checkpoints" / "iter_000000001"
     sd = {"net." + k: v for k, v in get_model_state_dict(model).items()}
@@ -281,6 +303,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=1.0, help="model size in GB (fp32)")
     ap.add_argument("--dir", default="/tmp/cosmos_ckpt_bench", help="scratch dir (removed afterwards)")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved cold load / raw read pairs (medians)")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -289,7 +312,7 @@ def main() -> None:
     if free < need:
         sys.exit(f"need ~{need / 1e9:.1f} GB free under {root}, have {free / 1e9:.1f} GB")
     try:
-        res = run_ranks(_bench, args.ranks, str(root), args.gb, timeout=900)[0]
+        res = run_ranks(_bench, args.ranks, str(root), args.gb, args.repeats, timeout=900)[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     res["device"] = "cpu (gloo)"

@@ -50,7 +50,7 @@ from cosmos_train.checkpoint.save_modes import build_save_mode
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 from cosmos_train.export.dcp_safe import SafePlanner, SafeReader, check_reads_on_all_ranks, is_damage, read_metadata
 from cosmos_train.export.keys import EMA, REG
-from cosmos_train.export.load import Source, load_weights, resolve_load_path
+from cosmos_train.export.load import Source, gc_paused, load_weights, resolve_load_path
 from cosmos_train.export.tensor_source import STORAGE_ERRORS, describe_failure
 from cosmos_train.models.lora_keys import is_lora_key
 
@@ -377,6 +377,12 @@ class Checkpointer:
     def _load_iteration(self, source: Source, parts: tuple[str, ...], *, skip: tuple[str, ...],
                         ema_to_reg: bool, ema_required: bool, adapters_only: bool) -> None:
         """The model through the shared loader; optimizer, scheduler and trainer state from DCP."""
+        with gc_paused():
+            self._load_parts(source, parts, skip=skip, ema_to_reg=ema_to_reg, ema_required=ema_required,
+                             adapters_only=adapters_only)
+
+    def _load_parts(self, source: Source, parts: tuple[str, ...], *, skip: tuple[str, ...],
+                    ema_to_reg: bool, ema_required: bool, adapters_only: bool) -> None:
         if "model" in parts:
             load_weights(source, self.model, self.ema, strict=self.ckpt.strict_resume, skip=skip,
                          ema_to_reg=ema_to_reg, ema_required=ema_required, adapters_only=adapters_only)

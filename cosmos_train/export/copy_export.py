@@ -39,7 +39,8 @@ from cosmos_train.export.dcp_source import DcpSource, group_by_bytes
 from cosmos_train.export.tensor_source import TensorEntry
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError, CosmosTrainError
 from cosmos_train.export.dcp_ranges import ChunkBytes, plan_tensor_bytes
-from cosmos_train.export.range_copy import Range, copy_ranges, crc32_combine
+from cosmos_train.crc32 import combine as crc32_combine
+from cosmos_train.export.range_copy import Range, copy_ranges
 
 THREADS = 4  # I/O threads: enough to keep a read and a write in flight on each side
 _GROUP_BYTES = 64 << 20  # tensors read through dcp.load (the rare non-plain ones), per call

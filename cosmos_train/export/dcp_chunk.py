@@ -24,6 +24,7 @@ import io
 import os
 import struct
 import sys
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -102,14 +103,11 @@ def _record(head: bytes, lho: int, size: int) -> tuple[int, bytes] | None:
     return start, head[start:start + size]
 
 
-def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
-                shape: tuple[int, ...]) -> ChunkLayout | None:
-    """Where the raw bytes of the chunk at `(offset, length)` of the open shard file `fd` lie, or None."""
-    if length < _EOCD.size or sys.byteorder != "little":
-        return None
-    tail_start = max(0, length - TAIL_BYTES)
-    tail = _pread(fd, length - tail_start, offset + tail_start)
-    if tail is None:
+def _parse(head: bytes, tail: bytes, tail_start: int, length: int, dtype: torch.dtype,
+           shape: tuple[int, ...]) -> tuple[int, int, int | None] | None:
+    """`(data start in the chunk, nbytes, stored crc32)` from the chunk's first bytes `head` and its bytes
+    from `tail_start` on (`tail`, which must hold the central directory), or None if not plain."""
+    if length < _EOCD.size or len(tail) < _EOCD.size or sys.byteorder != "little":
         return None
     cd = _central_directory(tail, tail_start)
     if cd is None:
@@ -124,26 +122,43 @@ def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
     method, crc, nbytes, lho = cd[data[0]]
     if method != 0 or cd[pkl[0]][0] != 0 or nbytes != numel * dtype.itemsize:
         return None
-    # Everything before the data: pickle, small records, data/0's local header (alignment padding in
-    # its extra field). A little more than the offsets say, to cover that header's name and extra.
-    want = lho + _LOCAL.size + len(data[0]) + 512
-    head = _pread(fd, min(want, length), offset)
-    if head is None:
-        return None
     rec = _record(head, lho, 0)
-    if rec is None or rec[0] + nbytes > length:
+    if rec is None or rec[0] + nbytes > length or rec[0] > len(head):
         return None
     start = rec[0]
-    head = head[:start]
     _, _, pkl_size, pkl_lho = cd[pkl[0]]
-    pickled = _record(head, pkl_lho, pkl_size)
+    pickled = _record(head[:start], pkl_lho, pkl_size)
     if pickled is None or pickled[1] != expected_pickle(dtype, tuple(shape)):
         return None
     order = [k for k in cd if k.endswith("/byteorder")]
     if order:
-        found = _record(head, cd[order[0]][3], cd[order[0]][2])
+        found = _record(head[:start], cd[order[0]][3], cd[order[0]][2])
         if found is None or found[1] != b"little":
             return None
+    # torch's writer fills in the CRC unless crc32 was turned off (then it stores 0).
+    return start, nbytes, crc if (crc != 0 or nbytes == 0) else None
+
+
+def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
+                shape: tuple[int, ...]) -> ChunkLayout | None:
+    """Where the raw bytes of the chunk at `(offset, length)` of the open shard file `fd` lie, or None."""
+    if length < _EOCD.size:
+        return None
+    tail_start = max(0, length - TAIL_BYTES)
+    tail = _pread(fd, length - tail_start, offset + tail_start)
+    if tail is None:
+        return None
+    cd = _central_directory(tail, tail_start)
+    data = [v for k, v in (cd or {}).items() if k.endswith("/data/0")]
+    if len(data) != 1:
+        return None
+    # Everything before the data: pickle, small records, data/0's local header (alignment padding in
+    # its extra field). A little more than the offsets say, to cover that header's name and extra.
+    head = _pread(fd, min(data[0][3] + _LOCAL.size + 512, length), offset)
+    found = None if head is None else _parse(head, tail, tail_start, length, dtype, shape)
+    if found is None:
+        return None
+    start, nbytes, crc = found
     end = start + nbytes
     if end < tail_start:  # bytes between the data and the tail buffer
         if tail_start - end > _MAX_GAP:
@@ -154,5 +169,65 @@ def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
         after = gap + tail
     else:
         after = tail[end - tail_start:]
-    # torch's writer fills in the CRC unless crc32 was turned off (then it stores 0).
-    return ChunkLayout(offset + start, nbytes, crc if (crc != 0 or nbytes == 0) else None, head, after)
+    return ChunkLayout(offset + start, nbytes, crc, head[:start], after)
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """`preadv` until every view is full or the file ends; bytes read."""
+    total, views = 0, [v for v in views if len(v)]
+    while views:
+        n = os.preadv(fd, views, offset + total)
+        if n == 0:
+            break
+        total += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: dict | None = None) -> int | None:
+    """Read the plain chunk `info` (offset, length) of shard `fd` straight into `target`; its whole CRC32.
+
+    `target` is a contiguous CPU tensor of the chunk's dtype and shape. Returns the
+    CRC32 of the whole chunk (head + data + tail, as the manifest's per-file CRC needs),
+    or None when the chunk is not plain (then `target` holds garbage and must be filled
+    by the caller). A short read or a data CRC that differs from the one stored with the
+    chunk is a CorruptCheckpointError naming the file and tensor.
+
+    `hints` (shared by the calls of one load) remembers where the data starts in chunks
+    of each dtype/shape/length (torch.save lays them out the same way): a chunk with a
+    known layout is read in one `preadv` (head, data into `target`, tail), then checked.
+    """
+    from cosmos_train.crc32 import combine
+    from cosmos_train.errors import CorruptCheckpointError
+
+    hints = {} if hints is None else hints
+    key = (target.dtype, tuple(target.shape), info.length)
+    view = memoryview(target.reshape(-1).view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
+    found, head, after = None, b"", b""
+    start = hints.get(key)
+    if start is not None and 0 <= start and start + len(view) + _EOCD.size <= info.length:
+        head, after = bytearray(start), bytearray(info.length - start - len(view))
+        if _preadv_all(fd, [memoryview(head), view, memoryview(after)], info.offset) == info.length:
+            found = _parse(head, after, start + len(view), info.length, target.dtype, tuple(target.shape))
+            if found is not None and (found[0], found[1]) != (start, len(view)):
+                found = None
+        stored = None if found is None else found[2]
+    if found is None:  # first chunk of its kind, or not laid out as guessed: locate, then read the data
+        lay = read_layout(fd, info.offset, info.length, target.dtype, tuple(target.shape))
+        if lay is None:
+            return None
+        hints[key] = lay.data_start - info.offset
+        head, after, stored = lay.head, lay.tail, lay.crc32
+        if _preadv_all(fd, [view], lay.data_start) != len(view):
+            raise CorruptCheckpointError(f"{path}: truncated ({fqn!r} needs bytes {info.offset}.."
+                                         f"{info.offset + info.length})")
+    data_crc = zlib.crc32(view)
+    if stored is not None and data_crc != stored:
+        raise CorruptCheckpointError(f"{path}: crc32 mismatch in tensor {fqn!r} (bytes "
+                                     f"{info.offset + len(head)}..{info.offset + len(head) + len(view)}, against the "
+                                     f"CRC32 stored with the chunk): the file changed since the save")
+    return zlib.crc32(after, combine(zlib.crc32(head), data_crc, len(view)))

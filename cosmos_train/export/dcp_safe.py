@@ -19,8 +19,10 @@ be unpickled is a `CorruptCheckpointError` naming the file.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,14 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from cosmos_train import layout
+from cosmos_train.crc32 import combine as crc32_combine
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
+from cosmos_train.export.dcp_chunk import read_chunk_into
 
 METADATA_FILE = ".metadata"
 ALGORITHM = "crc32"  # the manifest's checksum (checkpoint.integrity writes it)
 _CHUNK = 8 << 20
+READ_THREADS = 2  # plain chunks read (and CRC'd) concurrently: one thread's CRC overlaps the other's I/O
 Segments = dict[str, list[list[int]]]  # file (relative to the part dir) -> [[start, end, crc32], ...]
 
 # Exactly the globals torch's own metadata pickles reference (tests/checkpoint/test_dcp_safe.py
@@ -95,7 +100,9 @@ class SafeReader(FileSystemReader):
     def __init__(self, path: str | Path, *args, **kwargs) -> None:
         super().__init__(path, *args, **kwargs)
         self._metadata: Metadata | None = None
+        self._sizes: dict | None = None
         self.segments: Segments = {}
+        self.in_place_items = 0  # chunks read straight into their destination
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
@@ -120,30 +127,93 @@ class SafeReader(FileSystemReader):
         elif not any(r[0] == start for r in runs):  # an item read twice (resharding) counts once
             runs.append([start, start + len(data), zlib.crc32(data)])
 
+    def _record_crc(self, rel: str, start: int, length: int, crc: int) -> None:
+        """Like `_record`, for bytes already checksummed (`crc`) where they were read."""
+        runs = self.segments.setdefault(rel, [])
+        if runs and runs[-1][1] == start:
+            runs[-1][1] += length
+            runs[-1][2] = crc32_combine(runs[-1][2], crc, length)
+        elif not any(r[0] == start for r in runs):
+            runs.append([start, start + length, crc])
+
     def read_data(self, plan, planner) -> Future:
-        """torch's FileSystemReader.read_data, reading each item once into memory (checksummed)."""
+        """torch's FileSystemReader.read_data, reading each item once (checksummed), plain tensors in place.
+
+        A chunk that is a plain tensor filling its whole destination (the common resume: same
+        world size) is read straight into the destination tensor (`_read_in_place`); any other
+        item is read into memory and unpickled weights-only.
+        """
         per_file: dict[str, list] = {}
         for req in plan.items:
             per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for rel, reqs in per_file.items():
             path = Path(self.path) / rel
-            reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)  # forward through the file
-            cached: tuple[Any, bytes] | None = None
-            with open(path, "rb") as f:
-                for req in reqs:
-                    info = self.storage_data[req.storage_index]
-                    if cached is None or cached[0] != req.storage_index:
+            by_item: dict[Any, list] = {}
+            for req in sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset):  # forward
+                by_item.setdefault(req.storage_index, []).append(req)
+            with open(path, "rb") as f, ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dcp-read") as pool:
+                # Plain chunks are read on the pool (the GIL is released while reading and CRCing),
+                # everything else here, in file order, while the pool works.
+                direct, hints = {}, {}
+                for index, item_reqs in by_item.items():
+                    dest = self._in_place_target(self.storage_data[index], item_reqs, planner)
+                    if dest is not None:
+                        direct[index] = (dest, pool.submit(read_chunk_into, f.fileno(), path, self.storage_data[index],
+                                                           index.fqn, dest[1], hints))
+                try:
+                    for index, item_reqs in by_item.items():
+                        info = self.storage_data[index]
+                        if index in direct:
+                            (req, target), future = direct[index]
+                            crc = future.result()
+                            if crc is not None:
+                                self._record_crc(rel, info.offset, info.length, crc)
+                                planner.commit_tensor(req, target)
+                                self.in_place_items += 1
+                                continue
                         f.seek(info.offset)
                         data = f.read(info.length)
                         if len(data) != info.length:
-                            raise CorruptCheckpointError(f"{path}: truncated ({req.storage_index.fqn!r} needs "
+                            raise CorruptCheckpointError(f"{path}: truncated ({index.fqn!r} needs "
                                                          f"bytes {info.offset}..{info.offset + info.length})")
                         self._record(rel, info.offset, data)
-                        cached = (req.storage_index, data)
-                    self._deliver(req, info, cached[1], path, planner)
+                        for req in item_reqs:
+                            self._deliver(req, info, data, path, planner)
+                except BaseException:
+                    for _, future in direct.values():
+                        future.cancel()
+                    raise
         fut: Future = Future()
         fut.set_result(None)
         return fut
+
+    def _in_place_target(self, info, reqs: list, planner) -> tuple[Any, torch.Tensor] | None:
+        """`(request, destination)` when a chunk can be read straight into its destination tensor.
+
+        That is: one tensor request for the whole stored chunk (no resharding), into a contiguous
+        CPU tensor of the stored dtype and shape, without a DCP storage transform.
+        """
+        if len(reqs) != 1 or reqs[0].type != LoadItemType.TENSOR or info.transform_descriptors:
+            return None
+        req = reqs[0]
+        md = self.read_metadata().state_dict_metadata.get(req.storage_index.fqn)
+        sizes = tuple(req.lengths)
+        if md is None or any(req.storage_offsets) or sizes != self._chunk_sizes(req.storage_index):
+            return None  # resharding: only part of the chunk is wanted
+        target = planner.resolve_tensor(req).detach()
+        if target.device.type != "cpu" or not target.is_contiguous() or target.dtype != md.properties.dtype \
+                or tuple(target.shape) != sizes:
+            return None
+        return req, target
+
+    def _chunk_sizes(self, index) -> tuple[int, ...] | None:
+        """The stored size of the chunk `index` (fqn + offset) from the metadata."""
+        if self._sizes is None:
+            self._sizes = {}
+            for fqn, md in self.read_metadata().state_dict_metadata.items():
+                for c in getattr(md, "chunks", ()):
+                    self._sizes[(fqn, tuple(c.offsets))] = tuple(c.sizes)
+        return self._sizes.get((index.fqn, tuple(index.offset or ())))
 
     def _deliver(self, req, info, data: bytes, path: Path, planner) -> None:
         stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (), io.BytesIO(data))
@@ -216,37 +286,6 @@ def read_metadata(part_dir: str | Path) -> Metadata:
 
 
 # ----------------------------------------------------------------- CRCs of loads
-_POLY = 0xEDB88320  # CRC-32 (zlib), reflected
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a * b modulo the CRC-32 polynomial (zlib's multmodp)."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-
-
-_X2N = [1 << 30]  # x^(2^n) mod p
-for _ in range(31):
-    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of A + B from crc(A), crc(B) and len(B) (zlib's crc32_combine; ~0.2 ms in Python)."""
-    p, n, k = 1 << 31, len2, 3
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return _multmodp(p, crc1) ^ crc2
-
-
 def _crc_range(f, start: int, end: int, crc: int) -> int:
     f.seek(start)
     while start < end:

@@ -18,8 +18,7 @@ thread pool (the GIL is released in every call below) in any order:
 A range may also convert its dtype (`convert=(src, dst)`): then it is buffered,
 and `length` counts source bytes. Ranges larger than `piece_bytes` are split so
 the pool overlaps reads and writes within one big tensor too; CRCs of the pieces
-are joined with `crc32_combine` (zlib's, reimplemented: the stdlib does not
-expose it).
+are joined with `crc32.combine`.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cosmos_train.crc32 import combine as crc32_combine
 from cosmos_train.write_behind import WriteBehind
 
 MODES = ("auto", "kernel", "buffered")
@@ -89,51 +89,6 @@ class CopyStats:
                 self.kernel_bytes += read
             else:
                 self.buffered_bytes += read
-
-
-# ---------------------------------------------------------------------------------- crc32_combine
-def _gf2_times(mat: Sequence[int], vec: int) -> int:
-    s, i = 0, 0
-    while vec:
-        if vec & 1:
-            s ^= mat[i]
-        vec >>= 1
-        i += 1
-    return s
-
-
-def _gf2_square(mat: Sequence[int]) -> list[int]:
-    return [_gf2_times(mat, mat[n]) for n in range(32)]
-
-
-def _zero_operators() -> list[list[int]]:
-    """`ops[k]` appends 2^k zero bytes to a CRC32 register (zlib's crc32_combine matrices)."""
-    op = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
-    for _ in range(3):  # -> 8 bits = one zero byte
-        op = _gf2_square(op)
-    ops = [op]
-    for _ in range(63):
-        ops.append(_gf2_square(ops[-1]))
-    return ops
-
-
-_OPS: list[list[int]] | None = None
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC32 of `A + B` from `crc32(A)`, `crc32(B)` and `len(B)`, without the bytes."""
-    global _OPS
-    if len2 <= 0:
-        return crc1
-    if _OPS is None:
-        _OPS = _zero_operators()  # ~50 ms once; each combine is then ~log2(len2) small products
-    k = 0
-    while len2:
-        if len2 & 1:
-            crc1 = _gf2_times(_OPS[k], crc1)
-        len2 >>= 1
-        k += 1
-    return crc1 ^ crc2
 
 
 # ------------------------------------------------------------------------------------ copying

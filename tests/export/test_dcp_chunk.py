@@ -55,3 +55,24 @@ def test_strided_chunks_and_wrong_shapes_are_refused(tmp_path):
     finally:
         os.close(fd)
         os.close(wfd)
+
+
+@pytest.mark.parametrize("guess", [None, "right", "wrong"])
+def test_read_chunk_into_fills_the_tensor_whatever_the_layout_guess(tmp_path, guess):
+    from cosmos_train.export.dcp_chunk import read_chunk_into
+
+    sd = _tensors()
+    r = DcpSource(_save(tmp_path / "ck", sd))
+    path, off, length, dtype, shape = _chunks(r)["net.w"]
+    info = next(i for idx, i in r.metadata.storage_data.items() if idx.fqn == "net.w")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = read_layout(fd, off, length, dtype, shape).data_start - off
+        hints = {} if guess is None else {(dtype, shape, length): start + (0 if guess == "right" else 64)}
+        target = torch.full(shape, float("nan"), dtype=dtype)
+        crc = read_chunk_into(fd, path, info, "net.w", target, hints)
+    finally:
+        os.close(fd)
+    assert torch.equal(target, sd["net.w"])
+    assert crc == zlib.crc32(path.read_bytes()[off:off + length])  # the whole chunk, as the manifest needs
+    assert hints[(dtype, shape, length)] == start  # a wrong guess is corrected for the next chunk
