@@ -23,6 +23,7 @@ same checkpoint. For `load_path`, rank 0 consolidates the checkpoint to `.pt` an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -219,6 +220,7 @@ def _load_vs_read(model, gb, root: Path, rank: int, world: int, repeats: int) ->
         return seconds, t.item()
 
     def load(fmt):
+        gc.collect()  # the previous side's model: a fresh process would not carry it
         fresh, _ = _model(gb)
         ck = Checkpointer(CheckpointSpec(), root / ("off" if fmt == "dcp" else f"init_{fmt}"), model=fresh)
         dist.barrier()

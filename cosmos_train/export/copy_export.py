@@ -28,7 +28,6 @@ import errno
 import os
 import struct
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from cosmos_train.export.dcp_source import DcpSource, group_by_bytes
 from cosmos_train.export.tensor_source import TensorEntry
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError, CosmosTrainError
 from cosmos_train.export.dcp_ranges import ChunkBytes, plan_tensor_bytes
-from cosmos_train.crc32 import combine as crc32_combine
+from cosmos_train.crc32 import combine as crc32_combine, crc32
 from cosmos_train.export.range_copy import Range, copy_ranges
 
 THREADS = 4  # I/O threads: enough to keep a read and a write in flight on each side
@@ -268,7 +267,7 @@ def _write_loaded(reader: DcpSource, f: _OutFile, fd: int, entries: list[TensorE
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], f.offsets[e.name] + done)
-            crcs[e.name] = zlib.crc32(view)
+            crcs[e.name] = crc32(view)
             stats.loaded_bytes += len(view)
             if progress is not None:
                 progress(len(view))

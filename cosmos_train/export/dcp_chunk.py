@@ -24,11 +24,12 @@ import io
 import os
 import struct
 import sys
-import zlib
 from dataclasses import dataclass
 
 import torch
 
+from cosmos_train.crc32 import combine, crc32
+from cosmos_train.errors import CorruptCheckpointError
 from cosmos_train.export.pt_io import _PICKLE_PROTOCOL, _StorageStub, _StubPickler, _TensorStub
 
 _EOCD = struct.Struct("<IHHHHIIH")  # end of central directory, 22 bytes
@@ -201,9 +202,6 @@ def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: 
     of each dtype/shape/length (torch.save lays them out the same way): a chunk with a
     known layout is read in one `preadv` (head, data into `target`, tail), then checked.
     """
-    from cosmos_train.crc32 import combine
-    from cosmos_train.errors import CorruptCheckpointError
-
     hints = {} if hints is None else hints
     key = (target.dtype, tuple(target.shape), info.length)
     view = memoryview(target.reshape(-1).view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
@@ -225,9 +223,9 @@ def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: 
         if _preadv_all(fd, [view], lay.data_start) != len(view):
             raise CorruptCheckpointError(f"{path}: truncated ({fqn!r} needs bytes {info.offset}.."
                                          f"{info.offset + info.length})")
-    data_crc = zlib.crc32(view)
+    data_crc = crc32(view)
     if stored is not None and data_crc != stored:
         raise CorruptCheckpointError(f"{path}: crc32 mismatch in tensor {fqn!r} (bytes "
                                      f"{info.offset + len(head)}..{info.offset + len(head) + len(view)}, against the "
                                      f"CRC32 stored with the chunk): the file changed since the save")
-    return zlib.crc32(after, combine(zlib.crc32(head), data_crc, len(view)))
+    return crc32(after, combine(crc32(head), data_crc, len(view)))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from cosmos_train import layout
-from cosmos_train.crc32 import combine as crc32_combine
+from cosmos_train.crc32 import combine as crc32_combine, crc32
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
 from cosmos_train.export.dcp_chunk import read_chunk_into
 
@@ -123,9 +122,9 @@ class SafeReader(FileSystemReader):
         runs = self.segments.setdefault(rel, [])
         if runs and runs[-1][1] == start:  # contiguous with the last run: extend its CRC
             runs[-1][1] += len(data)
-            runs[-1][2] = zlib.crc32(data, runs[-1][2])
+            runs[-1][2] = crc32(data, runs[-1][2])
         elif not any(r[0] == start for r in runs):  # an item read twice (resharding) counts once
-            runs.append([start, start + len(data), zlib.crc32(data)])
+            runs.append([start, start + len(data), crc32(data)])
 
     def _record_crc(self, rel: str, start: int, length: int, crc: int) -> None:
         """Like `_record`, for bytes already checksummed (`crc`) where they were read."""
@@ -154,6 +153,8 @@ class SafeReader(FileSystemReader):
             with open(path, "rb") as f, ThreadPoolExecutor(READ_THREADS, thread_name_prefix="dcp-read") as pool:
                 # Plain chunks are read on the pool (the GIL is released while reading and CRCing),
                 # everything else here, in file order, while the pool works.
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
                 direct, hints = {}, {}
                 for index, item_reqs in by_item.items():
                     dest = self._in_place_target(self.storage_data[index], item_reqs, planner)
@@ -292,7 +293,7 @@ def _crc_range(f, start: int, end: int, crc: int) -> int:
         chunk = f.read(min(_CHUNK, end - start))
         if not chunk:
             break
-        crc, start = zlib.crc32(chunk, crc), start + len(chunk)
+        crc, start = crc32(chunk, crc), start + len(chunk)
     return crc
 
 

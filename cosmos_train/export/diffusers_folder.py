@@ -120,6 +120,10 @@ class DiffusersSource:
         """The safetensors header metadata (a folder written by consolidate records the run's spec)."""
         return self._inner.metadata()
 
+    def locate(self, name: str) -> tuple[Path, int, int] | None:
+        """Where a stored weight's raw bytes lie (`SafetensorsSource.locate`); None for a computed buffer."""
+        return self._inner.locate(self._stored[name]) if name in self._stored else None
+
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors by our keys: stored weights read from disk, buffers recomputed."""
         stored = [self._stored[n] for n in names if n in self._stored]

@@ -12,10 +12,13 @@ Accepted sources:
 
 `load_weights` plans the keys once on rank 0 (`export.keys.plan_keys`) and shares the
 plan. A DCP directory is then read by every rank for its own shards (`dcp.load`
-reshards). A full file is opened on rank 0 only (a `TensorSource`, one tensor at a
-time) and every tensor is broadcast; each rank keeps its FSDP shard. Peak extra
-memory per rank is one full tensor, never the whole model (the upstream "every rank
-loads the .pt" OOM). Resume, initialisation and infer all load through here.
+reshards). A full file (`.pt`, `.safetensors`, diffusers) is planned on rank 0; when every
+rank sees the same file, each rank reads just its FSDP shard's byte range straight
+into its parameters (`shard_read`: the file is read once in total, no rank holds a
+full tensor); otherwise (or for a tensor whose bytes are not contiguous in the file)
+rank 0 reads one tensor at a time and broadcasts it, each rank keeping its shard.
+Peak extra memory per rank is at most one full tensor, never the whole model (the
+upstream "every rank loads the .pt" OOM). Resume, initialisation and infer all load through here.
 """
 
 from __future__ import annotations
@@ -152,6 +155,39 @@ def _fill(target: dict, key_map: dict, reader: TensorSource | None, multi: bool)
         del full
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _aliases_model(sd: dict, model: torch.nn.Module) -> bool:
+    """True if every tensor of `sd` is (a view of the whole of) one of the model's parameters or buffers."""
+    live = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        x = _local(t)
+        live[(x.data_ptr(), x.numel(), x.dtype)] = True
+    return all((x.data_ptr(), x.numel(), x.dtype) in live for x in map(_local, sd.values())
+               if isinstance(x, torch.Tensor))
+
+
+def _read_file(target: dict, key_map: dict, reader: TensorSource | None, multi: bool) -> list[str]:
+    """Every rank reads its shards straight from the file when all ranks see it (`shard_read`); the
+    tensors that cannot be read that way go through rank 0 and a broadcast (`_fill`): returns those."""
+    from cosmos_train.export import shard_read
+
+    found, ids = {}, {}
+    if reader is not None:
+        try:
+            found = shard_read.spans(reader, sorted(set(key_map.values())))
+            ids = shard_read.file_ids(found)
+        except OSError:  # the file went away since it was opened: the broadcast path reports it
+            found, ids = {}, {}
+    found, ids = _share((found, ids), multi)
+    if found and shard_read.all_ranks(shard_read.sees_same_files(ids)):
+        key_map = {k: key_map[k] for k in shard_read.read_into(target, key_map, found)}
+    _fill(target, key_map, reader, multi)
+    return sorted(key_map)
+
+
 def _read_dcp(part_dir: Path, msd: dict, esd: dict | None, plan: KeyPlan) -> None:
     """Every rank reads its own shards of the planned keys straight into `msd` / `esd`."""
     import torch.distributed.checkpoint as dcp
@@ -221,10 +257,11 @@ def _load_weights(source: Source, model: torch.nn.Module, ema, *, strict: bool, 
     if source.kind == "dcp":
         _read_dcp(where, msd, esd, plan)
     else:
-        _fill(msd, plan.reg, reader, multi)
+        _read_file(msd, plan.reg, reader, multi)
         if esd is not None and plan.ema is not None:
-            _fill(esd, plan.ema, reader, multi)
-    set_model_state_dict(model, msd)
+            _read_file(esd, plan.ema, reader, multi)
+    if not _aliases_model(msd, model):  # else the reads above already wrote the parameters themselves
+        set_model_state_dict(model, msd)
     if ema is not None:
         if plan.ema is not None:
             ema.load_state_dict(esd)

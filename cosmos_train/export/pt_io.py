@@ -250,6 +250,14 @@ class PtSource:
         """The tensors `names`, each read from disk into a new CPU tensor."""
         return {n: self._read(n) for n in names}
 
+    def locate(self, name: str) -> tuple[Path, int, int] | None:
+        """`(file, offset, nbytes)` of the tensor's raw bytes when they are contiguous in the file, else None."""
+        m = self._meta[name]
+        st, start, nbytes = m.untyped_storage(), m.storage_offset() * m.element_size(), m.numel() * m.element_size()
+        if not m.is_contiguous() or start + nbytes > st.nbytes():  # a strided view, or one past its storage
+            return None
+        return self.path, st._checkpoint_offset + start, nbytes
+
     def _read(self, name: str) -> torch.Tensor:
         m = self._meta[name]
         st = m.untyped_storage()

@@ -8,7 +8,7 @@ thread pool (the GIL is released in every call below) in any order:
 
   "kernel"    `os.copy_file_range`: the bytes never enter this process (flat
               RSS, no memcpy); no checksum is possible on the way.
-  "buffered"  `os.preadv` into a reusable per-thread buffer, `zlib.crc32` over
+  "buffered"  `os.preadv` into a reusable per-thread buffer, `crc32` over
               it, `os.pwrite`: one read and one write per byte, and the CRC32 of
               every range computed in the same pass (no second read to verify).
   "auto"      kernel where the file systems allow it, buffered where they refuse
@@ -26,13 +26,12 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cosmos_train.crc32 import combine as crc32_combine
+from cosmos_train.crc32 import combine as crc32_combine, crc32
 from cosmos_train.write_behind import WriteBehind
 
 MODES = ("auto", "kernel", "buffered")
@@ -164,7 +163,7 @@ def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, bufs, want_crc: bool) ->
     """
     view = bufs.get("src", p.length)
     _read_exact(src_fd, view, p.src_offset)
-    crc = zlib.crc32(view) if want_crc else None
+    crc = crc32(view) if want_crc else None
     if p.convert is None:
         _write_all(dst_fd, view, p.dst_offset)
         return crc, crc
@@ -176,7 +175,7 @@ def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, bufs, want_crc: bool) ->
     if n:
         torch.frombuffer(out, dtype=dst_dtype).copy_(torch.frombuffer(view, dtype=src_dtype))
     _write_all(dst_fd, out, p.dst_offset)
-    return crc, zlib.crc32(out)  # always: a converted range has no stored CRC to fall back on
+    return crc, crc32(out)  # always: a converted range has no stored CRC to fall back on
 
 
 class _Buffers:

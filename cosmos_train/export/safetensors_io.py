@@ -232,6 +232,10 @@ class SafetensorsSource:
         """The `__metadata__` of the (first) file: free-form strings such as the model's architecture."""
         return dict(read_header(self.files[0])[0].get("__metadata__") or {})
 
+    def locate(self, name: str) -> tuple[Path, int, int]:
+        """`(file, offset, nbytes)` of the tensor's raw (little-endian, row-major) bytes."""
+        return self._where[name]
+
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors `names`, each read from disk into a new CPU tensor."""
         out = {}
