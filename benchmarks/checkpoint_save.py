@@ -11,13 +11,15 @@ total (its second save reuses the staging buffers), and resume (load). The cost 
 verifying CRCs while loading is measured against torch's own FileSystemReader on the
 same model part, page cache warm (`load_verify_overhead`). Prints JSON.
 
-Load against raw read: before each cold measurement the files' pages are evicted
-from the page cache with posix_fadvise(DONTNEED) (no root needed; works for clean
-pages, and every file here was fsynced). `raw_read` = the ranks reading the DCP
-files of the checkpoint round-robin, 16 MiB at a time; `load_cold` = resume of the
-same checkpoint. For `load_path`, rank 0 consolidates the checkpoint to `.pt` and
-`.safetensors`; `raw_read_<fmt>` = rank 0 reading that file, `load_path_<fmt>` =
-`Checkpointer.initialize(load_path=...)` (rank 0 reads, every rank gets its shard).
+Load against raw read (`--repeats` interleaved rounds, medians): before each cold
+measurement the files' pages are evicted from the page cache with
+posix_fadvise(DONTNEED) (no root needed; works for clean pages, and every file here
+was fsynced). `resume_cold`: the ranks reading the DCP files of the checkpoint
+round-robin, 16 MiB at a time, against resume of the same checkpoint
+(`Checkpointer.load`). `load_path_<fmt>_cold`: rank 0 consolidates the checkpoint to
+`.pt` and `.safetensors`; raw read = rank 0 reading that file, split read = every rank
+reading its 1/world of it at once, against `Checkpointer.initialize(load_path=...)`
+(every rank reads its own shards from the file).
 """
 
 from __future__ import annotations
@@ -82,13 +84,16 @@ def _evict(files) -> None:
             os.close(fd)
 
 
-def _read(f) -> int:
-    """Read a whole file 16 MiB at a time into one reused buffer; bytes read."""
+def _read(f, start: int = 0, end: int | None = None) -> int:
+    """Read a file (or bytes [start, end) of it) 16 MiB at a time into one reused buffer; bytes read."""
     buf = memoryview(bytearray(16 << 20))
     n = 0
+    left = float("inf") if end is None else end - start
     with open(f, "rb", buffering=0) as fh:
-        while k := fh.readinto(buf):
+        fh.seek(start)
+        while left > 0 and (k := fh.readinto(buf[:int(min(len(buf), left))])):
             n += k
+            left -= k
     return n
 
 
@@ -195,9 +200,10 @@ def _load_vs_read(model, gb, root: Path, rank: int, world: int, repeats: int) ->
     """Cold loads against cold raw reads of the same files, `repeats` interleaved pairs, medians.
 
     Pairs: the DCP files (ranks read them round-robin) vs resume (`Checkpointer.load`); the
-    consolidated `.pt` / `.safetensors` (rank 0 reads the file) vs `initialize(load_path=...)`.
-    The page cache of the files is evicted before every side; within a pair the order
-    alternates between repeats.
+    consolidated `.pt` / `.safetensors` (rank 0 reads the file; `split`: every rank reads its
+    contiguous 1/world of it at once, the parallelism the sharded load has) vs
+    `initialize(load_path=...)`. The page cache of the files is evicted before every side;
+    the order of the sides rotates between repeats.
     """
     from cosmos_train.export.consolidate import consolidate
 
@@ -209,11 +215,15 @@ def _load_vs_read(model, gb, root: Path, rank: int, world: int, repeats: int) ->
             consolidate(it_dir, files[fmt][0], progress=False)
     dist.barrier()
 
-    def raw(fmt):
+    def raw(fmt, split=False):
         mine = [f for i, f in enumerate(files[fmt]) if i % world == rank] if fmt == "dcp" else \
             (files[fmt] if rank == 0 else [])
         t0 = time.perf_counter()
-        n = sum(_read(f) for f in mine)
+        if split:  # every rank reads its own contiguous 1/world of the file, as the sharded load does
+            size = files[fmt][0].stat().st_size
+            n = _read(files[fmt][0], rank * size // world, (rank + 1) * size // world)
+        else:
+            n = sum(_read(f) for f in mine)
         seconds = _max(time.perf_counter() - t0)
         t = torch.tensor([n], dtype=torch.float64)
         dist.all_reduce(t)
@@ -236,18 +246,22 @@ def _load_vs_read(model, gb, root: Path, rank: int, world: int, repeats: int) ->
 
     out: dict = {}
     for fmt in ("dcp", "pt", "safetensors"):
-        ratios, raw_s, load_s, equal = [], [], [], True
+        ratios, split_ratios, raw_s, split_s, load_s, equal = [], [], [], [], [], True
+        sides = ("raw", "load") if fmt == "dcp" else ("raw", "split", "load")
         for r in range(repeats):
             res = {}
-            for side in (("raw", "load") if r % 2 == 0 else ("load", "raw")):
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # rotate the order
                 _evict(files[fmt])
                 dist.barrier()
-                res[side] = raw(fmt) if side == "raw" else load(fmt)
+                res[side] = load(fmt) if side == "load" else raw(fmt, split=side == "split")
             (rs, nbytes), (ls, same) = res["raw"], res["load"]
             equal &= same
             raw_s.append(rs)
             load_s.append(ls)
             ratios.append(rs / ls)  # throughput ratio over the same bytes: raw time / load time
+            if "split" in res:
+                split_s.append(res["split"][0])
+                split_ratios.append(res["split"][0] / ls)
         name = "resume" if fmt == "dcp" else f"load_path_{fmt}"
         out[f"{name}_cold"] = {"raw_read_s": [round(x, 3) for x in raw_s], "load_s": [round(x, 3) for x in load_s],
                                "raw_read_gbps_median": round(nbytes / _median(raw_s) / 1e9, 3),
@@ -255,6 +269,10 @@ def _load_vs_read(model, gb, root: Path, rank: int, world: int, repeats: int) ->
                                "throughput_vs_raw_read": [round(x, 3) for x in ratios],
                                "throughput_vs_raw_read_median": round(_median(ratios), 3),
                                "bitwise_equal": equal}
+        if split_s:  # the stricter baseline for a sharded load: every rank reading its part at once
+            out[f"{name}_cold"].update({"raw_read_split_s": [round(x, 3) for x in split_s],
+                                        "throughput_vs_split_read": [round(x, 3) for x in split_ratios],
+                                        "throughput_vs_split_read_median": round(_median(split_ratios), 3)})
     if rank == 0:
         for fmt in ("pt", "safetensors"):
             files[fmt][0].unlink()

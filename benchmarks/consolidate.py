@@ -18,6 +18,8 @@ the shared machine's load hits every side):
   ours_pt_plain   consolidate of the same files without a manifest (hard links: an upstream-style
                   DCP dir): nothing to check, the kernel copies file to file
   ours_bf16_st    consolidate(iter_dir, "model.safetensors", dtype="bf16"), checked
+  ours_diffusers  consolidate(iter_dir, "out_diffusers", format="diffusers"), checked: transformer/
+                  config.json + diffusion_pytorch_model*.safetensors (5 GB shards) with diffusers' key names
 
 and once per size torch's `dcp_to_torch_save` (.pt) for the no-regression ratio.
 Ratios are taken within one repeat (ours / cp of the same repeat) and the median
@@ -48,6 +50,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 D = 2048  # 2B DiT model_channels
+# The run's spec (for `--format diffusers`' config.json): the 2B preset with the checkpoint's block count.
+SPEC_2B = """[model]
+preset = "2b"
+
+[model.tokenizer]
+kind = "wan2.1"
+path = "hf://nvidia/Cosmos-Predict2-2B-Video2World/tokenizer/tokenizer.pth"
+
+[model.architecture]
+num_blocks = {n_blocks}
+"""
 
 
 def dit_like_shapes(n_blocks: int) -> list[tuple[str, tuple[int, ...], str]]:
@@ -152,6 +165,8 @@ def worker(tool: str, src: str, out: str) -> None:
         consolidate(src, out, progress=False)
     elif tool == "ours_bf16":
         consolidate(src, out, progress=False, dtype="bf16")
+    elif tool == "ours_diffusers":
+        consolidate(src, out, progress=False, format="diffusers")
     elif tool != "baseline":
         raise ValueError(tool)
     seconds = time.perf_counter() - t0
@@ -160,10 +175,14 @@ def worker(tool: str, src: str, out: str) -> None:
 
 
 def save_committed(iter_dir: Path, plain: Path, n_blocks: int) -> Path:
-    """A committed iteration dir (`model/` + MANIFEST.json + COMMITTED) and `plain`: hard links of its DCP files."""
+    """A committed iteration dir (`model/` + MANIFEST.json + COMMITTED) in a run dir whose spec.toml is
+    the 2B preset with `n_blocks` blocks (for `--format diffusers`), and `plain`: hard links of its DCP files."""
     from cosmos_train.checkpoint.integrity import data_files, file_entry, write_manifest
-    from cosmos_train.layout import COMMITTED_MARKER
+    from cosmos_train.layout import COMMITTED_MARKER, SPEC_FILE
 
+    run_dir = iter_dir.parent.parent
+    run_dir.mkdir(parents=True)
+    (run_dir / SPEC_FILE).write_text(SPEC_2B.format(n_blocks=n_blocks))
     save_checkpoint(iter_dir / "model", n_blocks)
     write_manifest(iter_dir, {rel: file_entry(iter_dir, rel) for rel in data_files(iter_dir)})
     (iter_dir / COMMITTED_MARKER).write_text("")
@@ -179,7 +198,7 @@ def run_fresh(tool: str, src: Path, out: Path) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{tool} -> {out.name} failed:\n{res.stderr[-3000:]}")
     r = json.loads(res.stdout.strip().splitlines()[-1])
-    size = out.stat().st_size if out.exists() else 0
+    size = sum(f.stat().st_size for f in _files(out)) if out.is_dir() else out.stat().st_size if out.exists() else 0
     _remove(out)
     return {"seconds": r["seconds"], "peak_rss_gib": r["peak_rss_bytes"] / 2**30, "output_bytes": size}
 
@@ -254,7 +273,7 @@ def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline
                only: list[str] | None = None) -> dict:
     n_blocks = blocks_for(size)
     shapes = dit_like_shapes(n_blocks)
-    it_dir, ckpt = work / f"ckpt_{size:g}gb" / "iter_000000001", work / f"plain_{size:g}gb"
+    it_dir, ckpt = work / f"run_{size:g}gb" / "checkpoints" / "iter_000000001", work / f"plain_{size:g}gb"
     t0 = time.perf_counter()
     save_committed(it_dir, ckpt, n_blocks)
     os.sync()
@@ -271,6 +290,7 @@ def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline
         "ours_st": lambda: run_fresh("ours", it_dir, work / "out.safetensors"),
         "ours_pt_plain": lambda: run_fresh("ours", ckpt, work / "out.pt"),
         "ours_bf16_st": lambda: run_fresh("ours_bf16", it_dir, work / "out_bf16.safetensors"),
+        "ours_diffusers": lambda: run_fresh("ours_diffusers", it_dir, work / "out_diffusers"),
     }
     names = [k for k in sides if only is None or k in only]
     runs: dict[str, list[dict]] = {k: [] for k in names}
@@ -279,7 +299,8 @@ def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline
         for k in order:
             runs[k].append(sides[k]())
     pairs = {"pt_over_cp": (["ours_pt"], ["cp"]), "st_over_cp": (["ours_st"], ["cp"]),
-             "pt_plain_over_cp": (["ours_pt_plain"], ["cp"]), "read_over_cp": (["read"], ["cp"]),
+             "pt_plain_over_cp": (["ours_pt_plain"], ["cp"]),
+             "diffusers_over_cp": (["ours_diffusers"], ["cp"]), "read_over_cp": (["read"], ["cp"]),
              "bf16_over_read_plus_write": (["ours_bf16_st"], ["read", "write_half"])}
     ratios = {name: [sum(runs[k][i]["seconds"] for k in num) / sum(runs[k][i]["seconds"] for k in den)
                      for i in range(repeats)]
@@ -303,7 +324,7 @@ def bench_size(work: Path, size: float, repeats: int, with_torch: bool, baseline
         if "ours_pt" in out["median_seconds"]:
             out["ours_pt_over_torch"] = round(out["median_seconds"]["ours_pt"] / t["seconds"], 3)
     _remove(ckpt)
-    _remove(it_dir.parent)
+    _remove(it_dir.parent.parent)
     return out
 
 

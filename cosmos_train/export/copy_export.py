@@ -212,7 +212,7 @@ def _fill(reader: DcpSource, f: _OutFile, fd: int, plan: dict, src_of: dict[str,
         mode = "buffered"  # a CRC needs the bytes in user space, whatever the copy mode asked
     try:
         cs = copy_ranges([reader.path / s for s in sources], fd, ranges, mode=mode, checksum=need_crc,
-                         threads=threads, progress=progress)
+                         out_checksum=f.is_pt, threads=threads, progress=progress)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise

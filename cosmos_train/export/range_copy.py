@@ -155,7 +155,8 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, bufs, want_crc: bool) -> tuple[int | None, int | None]:
+def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, bufs, want_crc: bool,
+                   want_out_crc: bool = True) -> tuple[int | None, int | None]:
     """Read, checksum, (convert,) write one piece: `(crc32 of the source bytes, crc32 of the written bytes)`.
 
     `bufs` is this thread's `_Buffers`: the piece is read into, and converted into, buffers that
@@ -175,7 +176,7 @@ def _buffered_copy(src_fd: int, dst_fd: int, p: _Piece, bufs, want_crc: bool) ->
     if n:
         torch.frombuffer(out, dtype=dst_dtype).copy_(torch.frombuffer(view, dtype=src_dtype))
     _write_all(dst_fd, out, p.dst_offset)
-    return crc, crc32(out)  # always: a converted range has no stored CRC to fall back on
+    return crc, crc32(out) if want_out_crc else None  # a converted range has no stored CRC to fall back on
 
 
 class _Buffers:
@@ -192,14 +193,16 @@ class _Buffers:
 
 
 def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Range], *, mode: str = "auto",
-                checksum: bool = False, threads: int = 2, piece_bytes: int = PIECE_BYTES,
+                checksum: bool = False, out_checksum: bool = True, threads: int = 2,
+                piece_bytes: int = PIECE_BYTES,
                 progress: Callable[[int], None] | None = None, write_behind: bool = True) -> CopyStats:
     """Copy every range of `ranges` from `sources[r.src]` into the open file `dst_fd`.
 
     The destination is written at explicit offsets only (its file position is
     untouched) and is not fsynced: the caller fsyncs once when the file is done.
     `checksum=True` returns each range's CRC32 in `stats.crcs` (source bytes) and
-    `stats.out_crcs` (written bytes), computed as the bytes pass (buffered).
+    `stats.out_crcs` (written bytes), computed as the bytes pass (buffered); a converted range's
+    written bytes are checksummed unless `out_checksum=False` (nothing needs them, e.g. safetensors).
     `progress(n)` is called (from the copy threads) with the bytes written by each piece.
     `write_behind` starts the writeback of every piece as soon as it is written (`WriteBehind`).
     Raises OSError/EOFError naming the source file on a read failure.
@@ -241,7 +244,8 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                 bufs = getattr(local, "bufs", None)
                 if bufs is None:
                     bufs = local.bufs = _Buffers(min(piece_bytes, 1 << 20))
-                part_crcs[(p.index, p.part)] = _buffered_copy(fds[p.src], dst_fd, p, bufs, checksum)
+                part_crcs[(p.index, p.part)] = _buffered_copy(fds[p.src], dst_fd, p, bufs, checksum,
+                                                              out_checksum)
                 stats._add(p.length, _out_len(p), kernel=False)
                 if behind is not None:
                     behind.written(p.dst_offset, _out_len(p))
