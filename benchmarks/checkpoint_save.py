@@ -1,6 +1,6 @@
 """Checkpoint save/load throughput on an FSDP2 model (>= 1 GB, many tensors) on 2 gloo ranks (CPU).
 
-    python benchmarks/checkpoint_save.py [--gb 1.0] [--dir /tmp/ckbench] [--ranks 2]
+    python benchmarks/checkpoint_save.py [--gb 1.0] [--dir /tmp/ckbench] [--ranks 2] [--repeats 3] [--loads-only]
 
 Baselines: the same bytes written from Python with fsync (each rank writes its shard
 to one file), i.e. the disk limit; and torch's own `dcp.async_save` (thread writer,
@@ -97,7 +97,7 @@ def _read(f, start: int = 0, end: int | None = None) -> int:
     return n
 
 
-def _bench(rank, world, root, gb, repeats):
+def _bench(rank, world, root, gb, repeats, loads_only=False):
     root = Path(root)
     model, n = _model(gb)
     local = [p.detach().to_local() for p in model.parameters()]
@@ -157,6 +157,10 @@ def _bench(rank, world, root, gb, repeats):
         ck.close()
         return res
 
+    if loads_only:  # one sync save to load from, then only the cold load / raw read rounds
+        run("off", [1])
+        out.update(_load_vs_read(model, gb, root, rank, world, repeats))
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
     (_, _), (b, s) = torch_async_save([1, 2])  # the second: warm, like the pinned modes' later saves
     out["torch_async_save_blocking_s"], out["torch_async_save_total_s"] = b, s
     (b, s), = run("off", [1])
@@ -324,6 +328,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/cosmos_ckpt_bench", help="scratch dir (removed afterwards)")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved cold load / raw read pairs (medians)")
+    ap.add_argument("--loads-only", action="store_true",
+                    help="skip the save measurements: the load rounds run in processes that only saved once")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -332,7 +338,7 @@ def main() -> None:
     if free < need:
         sys.exit(f"need ~{need / 1e9:.1f} GB free under {root}, have {free / 1e9:.1f} GB")
     try:
-        res = run_ranks(_bench, args.ranks, str(root), args.gb, args.repeats, timeout=900)[0]
+        res = run_ranks(_bench, args.ranks, str(root), args.gb, args.repeats, args.loads_only, timeout=900)[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     res["device"] = "cpu (gloo)"
