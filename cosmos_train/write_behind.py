@@ -23,6 +23,7 @@ import threading
 from collections import deque
 
 LAG_BYTES = 64 << 20  # about a device queue's worth: writeback of a range has finished by the time it is dropped
+MIN_BYTES = 1 << 20  # smaller writes (zip headers, small tensors) are left to the final fsync: a syscall each
 
 
 class WriteBehind:
@@ -37,7 +38,7 @@ class WriteBehind:
 
     def written(self, offset: int, length: int) -> None:
         """`length` bytes at `offset` were just written: start their writeback, drop older clean ones."""
-        if not self.enabled or length <= 0:
+        if not self.enabled or length < MIN_BYTES:
             return
         self._advise(offset, length)  # starts writeback (WB_SYNC_NONE); the pages are still dirty
         drop = []

@@ -59,7 +59,7 @@ def test_a_pipe_refuses_advice_and_writing_goes_on():
     try:
         behind = WriteBehind(w)
         os.write(w, b"x" * 10)
-        behind.written(0, 10)  # ESPIPE: advice switched off, no error
+        behind.written(0, MIB)  # ESPIPE: advice switched off, no error
         assert not behind.enabled
         assert os.read(r, 10) == b"x" * 10
     finally:

@@ -24,6 +24,7 @@ import torch
 
 from cosmos_train.errors import CheckpointError
 from cosmos_train.export.tensor_source import TensorEntry, read_range
+from cosmos_train.write_behind import WriteBehind
 
 # torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL).
 _PICKLE_PROTOCOL = 2
@@ -84,6 +85,7 @@ class _GuardedFile:
     def __init__(self, path: str | Path) -> None:
         self._f = open(path, "wb")
         self.error: OSError | None = None
+        self._behind = WriteBehind(self._f.fileno())
 
     def write(self, b) -> int:
         # Nothing may raise from here: an exception inside the C++ writer (also from its destructor,
@@ -91,7 +93,9 @@ class _GuardedFile:
         n = memoryview(b).nbytes
         try:
             if self.error is None:
+                pos = self._f.tell()
                 self._f.write(b)
+                self._behind.written(pos, n)
         except OSError as e:
             self.error = e
         except Exception:  # noqa: BLE001 - closed or torn down: the bytes are dropped, nothing is raised

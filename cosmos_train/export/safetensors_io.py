@@ -24,6 +24,7 @@ import torch
 
 from cosmos_train.errors import CheckpointError
 from cosmos_train.export.tensor_source import TensorEntry, read_range
+from cosmos_train.write_behind import WriteBehind
 
 _DTYPE_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -81,6 +82,7 @@ class SafetensorsWriter:
         self._next = 0
         self._f = open(self.path, "wb")
         self._f.write(_header_bytes(self._entries, metadata))
+        self._behind = WriteBehind(self._f.fileno())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must match the next entry's name, dtype and shape."""
@@ -90,7 +92,9 @@ class SafetensorsWriter:
                              f"got {name} {tensor.dtype} {list(tensor.shape)}")
         t = tensor.detach().cpu().contiguous().reshape(-1)
         if t.numel():
+            pos = self._f.tell()
             self._f.write(t.view(torch.uint8).numpy().data)  # zero-copy byte view
+            self._behind.written(pos, t.nbytes)
         self._next += 1
 
     def close(self) -> None:
