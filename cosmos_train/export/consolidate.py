@@ -5,8 +5,12 @@ Here the DCP metadata gives every key's dtype and shape, so the output's layout
 is known before any data is read. A plain export (any dtype, no LoRA merge) is a
 byte-range copy (`copy_export`): every tensor's chunks go from the shard files
 straight to their offsets in the output, file to file through the kernel
-(`copy_file_range`), or through small per-thread buffers when casting; peak
-memory above the interpreter is ~0.1x the largest tensor (~0.8x with a cast).
+(`copy_file_range`) when nothing needs checking, else through small per-thread
+buffers that checksum (a committed checkpoint: against its manifest) and cast
+on the way; output pages are written back as they are written (`write_behind`).
+Peak memory above the interpreter is ~0.25x the largest tensor for the kernel
+copy, ~0.75x when checking, ~1x when casting (2B-shaped, largest 64 MiB); the
+time is 1.0-1.3x a `cp` + fsync of the shard files (benchmarks/README.md).
 LoRA merges and adapter exports are computed: tensors are read a bounded group
 at a time (`_GROUP_BYTES`, or one tensor if larger, into one reused buffer) and
 written through the streaming writers; about 0.15-0.25 GiB above the interpreter
