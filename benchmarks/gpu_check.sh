@@ -13,6 +13,8 @@
 #                     forward and backward, on one GPU
 #   ring_nccl         >= 2 GPUs: ring (flash/efficient/math) and a2a attention on NCCL vs full attention,
 #                     outputs and q/k/v grads, K/V exchange counts
+#   ckpt_io           torchrun on every GPU: FSDP2 model (~2 GB fp32) saved twice with async_pinned, resumed and
+#                     loaded through load_path (.safetensors) bitwise equal; blocking, resume and load times
 #   wan_2b_step       2 LoRA steps of examples/2b_lora.toml at 704x1280x93 with the released DiT and Wan2.1 VAE
 #                     (skipped unless both are in the Hugging Face cache)
 # Writes OUTPUT_DIR/gpu_check.json (summary) and OUTPUT_DIR/<check>.log. Not part of the CPU test suite.
@@ -76,7 +78,7 @@ else
 fi
 
 if [ "$NGPU" -lt 1 ]; then
-  for c in nccl_init fsdp2_bf16_step te_vs_sdpa block_kernels ring_nccl; do skip "$c" "no CUDA device"; done
+  for c in nccl_init fsdp2_bf16_step te_vs_sdpa block_kernels ring_nccl ckpt_io; do skip "$c" "no CUDA device"; done
   NO_GPU=1
 fi
 
@@ -255,6 +257,7 @@ if [ -z "${NO_GPU:-}" ]; then
   else
     skip ring_nccl "needs >= 2 GPUs (found $NGPU)"
   fi
+  run_check ckpt_io 600 "${TORCHRUN[@]}" benchmarks/ckpt_io_check.py "$WORK/ckpt_io" --gb 2
 fi
 
 # ------------------------------------------------------------------- 2B step with the released VAE

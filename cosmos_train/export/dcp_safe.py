@@ -18,6 +18,7 @@ be unpickled is a `CorruptCheckpointError` naming the file.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -139,8 +140,9 @@ class SafeReader(FileSystemReader):
         """torch's FileSystemReader.read_data, reading each item once (checksummed), plain tensors in place.
 
         A chunk that is a plain tensor filling its whole destination (the common resume: same
-        world size) is read straight into the destination tensor (`_read_in_place`); any other
-        item is read into memory and unpickled weights-only.
+        world size) is read straight into the destination tensor, or through a CPU tensor when the
+        destination is on a GPU or of another dtype (`_in_place_target`); any other item is read
+        into memory and unpickled weights-only.
         """
         per_file: dict[str, list] = {}
         for req in plan.items:
@@ -159,8 +161,10 @@ class SafeReader(FileSystemReader):
                 for index, item_reqs in by_item.items():
                     dest = self._in_place_target(self.storage_data[index], item_reqs, planner)
                     if dest is not None:
-                        direct[index] = (dest, pool.submit(read_chunk_into, f.fileno(), path, self.storage_data[index],
-                                                           index.fqn, dest[1], hints))
+                        req, target, stored = dest
+                        reader = read_chunk_into if stored is None else functools.partial(_read_staged, stored)
+                        direct[index] = ((req, target), pool.submit(reader, f.fileno(), path, self.storage_data[index],
+                                                                    index.fqn, target, hints))
                 try:
                     for index, item_reqs in by_item.items():
                         info = self.storage_data[index]
@@ -188,11 +192,13 @@ class SafeReader(FileSystemReader):
         fut.set_result(None)
         return fut
 
-    def _in_place_target(self, info, reqs: list, planner) -> tuple[Any, torch.Tensor] | None:
-        """`(request, destination)` when a chunk can be read straight into its destination tensor.
+    def _in_place_target(self, info, reqs: list, planner) -> tuple[Any, torch.Tensor, torch.dtype | None] | None:
+        """`(request, destination, stored dtype or None)` when a chunk's bytes can be read without unpickling.
 
-        That is: one tensor request for the whole stored chunk (no resharding), into a contiguous
-        CPU tensor of the stored dtype and shape, without a DCP storage transform.
+        That is: one tensor request for the whole stored chunk (no resharding), without a DCP
+        storage transform. The dtype is None when the destination is a contiguous CPU tensor of
+        the stored dtype (read straight into it); else (a GPU tensor, another dtype) the chunk is
+        read into a CPU tensor of the stored dtype and copied over (`_read_staged`).
         """
         if len(reqs) != 1 or reqs[0].type != LoadItemType.TENSOR or info.transform_descriptors:
             return None
@@ -202,10 +208,11 @@ class SafeReader(FileSystemReader):
         if md is None or any(req.storage_offsets) or sizes != self._chunk_sizes(req.storage_index):
             return None  # resharding: only part of the chunk is wanted
         target = planner.resolve_tensor(req).detach()
-        if target.device.type != "cpu" or not target.is_contiguous() or target.dtype != md.properties.dtype \
-                or tuple(target.shape) != sizes:
+        if tuple(target.shape) != sizes:
             return None
-        return req, target
+        stored = md.properties.dtype
+        direct = target.device.type == "cpu" and target.is_contiguous() and target.dtype == stored
+        return req, target, None if direct else stored
 
     def _chunk_sizes(self, index) -> tuple[int, ...] | None:
         """The stored size of the chunk `index` (fqn + offset) from the metadata."""
@@ -269,6 +276,18 @@ class SafePlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+def _read_staged(dtype: torch.dtype, fd: int, path: Path, info, fqn: str, target: torch.Tensor,
+                 hints: dict) -> int | None:
+    """`read_chunk_into` a CPU tensor of the stored dtype, then copy it into `target` (GPU, other dtype).
+
+    Runs on a reader thread, so at most one chunk per thread is staged at a time."""
+    staged = torch.empty(tuple(target.shape), dtype=dtype)
+    crc = read_chunk_into(fd, path, info, fqn, staged, hints)
+    if crc is not None:
+        target.copy_(staged)
+    return crc
 
 
 def weights_only_reason(e: BaseException) -> str:

@@ -26,6 +26,17 @@ def _load(path, like: dict) -> tuple[dict, SafeReader]:
     return out, reader
 
 
+def test_another_dtype_is_staged_and_cast_the_same_way_as_unpickling(tmp_path):
+    sd = _tensors()
+    ck = _save(tmp_path / "model", sd)
+    like = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in sd.items()}
+    got, reader = _load(ck, like)  # fp32/fp16 chunks into fp64 destinations: read, then copied with a cast
+    for k, v in like.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert reader.in_place_items == 3
+    assert verify_reads(tmp_path, "model", [reader.segments], _manifest(ck)) == []
+
+
 def _manifest(path) -> dict:
     rels = [p.name for p in path.iterdir()]
     return {"files": {f"{path.name}/{r}": file_entry(path, r) for r in rels}}
