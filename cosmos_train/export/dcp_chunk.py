@@ -30,6 +30,7 @@ import torch
 
 from cosmos_train.crc32 import combine, crc32
 from cosmos_train.errors import CorruptCheckpointError
+from cosmos_train.export.pread import preadv_all
 from cosmos_train.export.pt_io import _PICKLE_PROTOCOL, _StorageStub, _StubPickler, _TensorStub
 
 _EOCD = struct.Struct("<IHHHHIIH")  # end of central directory, 22 bytes
@@ -173,22 +174,6 @@ def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
     return ChunkLayout(offset + start, nbytes, crc, head[:start], after)
 
 
-def _preadv_all(fd: int, views: list[memoryview], offset: int) -> int:
-    """`preadv` until every view is full or the file ends; bytes read."""
-    total, views = 0, [v for v in views if len(v)]
-    while views:
-        n = os.preadv(fd, views, offset + total)
-        if n == 0:
-            break
-        total += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    return total
-
-
 def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: dict | None = None) -> int | None:
     """Read the plain chunk `info` (offset, length) of shard `fd` straight into `target`; its whole CRC32.
 
@@ -209,7 +194,7 @@ def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: 
     start = hints.get(key)
     if start is not None and 0 <= start and start + len(view) + _EOCD.size <= info.length:
         head, after = bytearray(start), bytearray(info.length - start - len(view))
-        if _preadv_all(fd, [memoryview(head), view, memoryview(after)], info.offset) == info.length:
+        if preadv_all(fd, [memoryview(head), view, memoryview(after)], info.offset) == info.length:
             found = _parse(head, after, start + len(view), info.length, target.dtype, tuple(target.shape))
             if found is not None and (found[0], found[1]) != (start, len(view)):
                 found = None
@@ -220,7 +205,7 @@ def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: 
             return None
         hints[key] = lay.data_start - info.offset
         head, after, stored = lay.head, lay.tail, lay.crc32
-        if _preadv_all(fd, [view], lay.data_start) != len(view):
+        if preadv_all(fd, [view], lay.data_start) != len(view):
             raise CorruptCheckpointError(f"{path}: truncated ({fqn!r} needs bytes {info.offset}.."
                                          f"{info.offset + info.length})")
     data_crc = crc32(view)

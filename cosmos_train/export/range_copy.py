@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosmos_train.crc32 import combine as crc32_combine, crc32
+from cosmos_train.export.pread import preadv_all
 from cosmos_train.write_behind import WriteBehind
 
 MODES = ("auto", "kernel", "buffered")
@@ -141,12 +142,9 @@ def _kernel_copy(src_fd: int, dst_fd: int, p: _Piece) -> None:
 
 
 def _read_exact(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise EOFError(f"source ended {len(view) - done} bytes early (at offset {offset + done})")
-        done += n
+    done = preadv_all(fd, [view], offset)
+    if done < len(view):
+        raise EOFError(f"source ended {len(view) - done} bytes early (at offset {offset + done})")
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from cosmos_train.errors import CheckpointError
+from cosmos_train.export.pread import preadv_all
 from cosmos_train.export.tensor_source import TensorSource
 
 THREADS = 2  # one read in flight while another rank-local copy or cast runs
@@ -94,12 +95,8 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
 
 
 def _read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise CheckpointError(f"{what}: the file ends before the tensor's bytes do (truncated)")
-        done += n
+    if preadv_all(fd, [view], offset) < len(view):
+        raise CheckpointError(f"{what}: the file ends before the tensor's bytes do (truncated)")
 
 
 def read_into(target: dict, key_map: dict[str, str], found: dict[str, Span]) -> list[str]:
