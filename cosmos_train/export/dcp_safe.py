@@ -157,11 +157,16 @@ class SafeReader(FileSystemReader):
                 # everything else here, in file order, while the pool works.
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
-                direct, hints = {}, {}
+                direct, hints, filled = {}, {}, set()
                 for index, item_reqs in by_item.items():
                     dest = self._in_place_target(self.storage_data[index], item_reqs, planner)
                     if dest is not None:
                         req, target, stored = dest
+                        if stored is None and target.data_ptr() in filled:
+                            # Another item fills the same memory (an EMA entry that is the model's own
+                            # buffer): stage this one, so no thread checksums memory another one writes.
+                            stored = target.dtype
+                        filled.add(target.data_ptr())
                         reader = read_chunk_into if stored is None else functools.partial(_read_staged, stored)
                         direct[index] = ((req, target), pool.submit(reader, f.fileno(), path, self.storage_data[index],
                                                                     index.fqn, target, hints))

@@ -96,3 +96,15 @@ def test_bytes_around_the_data_still_count_in_the_file_crc(tmp_path):
     assert torch.equal(got["net.w"], sd["net.w"]) and reader.in_place_items >= 1
     problems = verify_reads(tmp_path, "model", [reader.segments], manifest)  # ...but the file changed
     assert len(problems) == 1 and str(path) in problems[0] and "crc32 mismatch" in problems[0]
+
+
+def test_two_items_filling_the_same_tensor_do_not_race(tmp_path):
+    w = torch.randn(64, 32)
+    ck = _save(tmp_path / "model", {"net.buf": w, "net_ema.buf": w.clone()})
+    shared = torch.zeros(64, 32)  # like an EMA entry that is the model's own buffer
+    reader = SafeReader(ck)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"net.buf": shared, "net_ema.buf": shared}, storage_reader=reader,
+                 planner=SafePlanner(source=ck), no_dist=True)
+    assert torch.equal(shared, w) and reader.in_place_items == 2  # one read in place, one staged
