@@ -214,3 +214,30 @@ def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: 
                                      f"{info.offset + len(head)}..{info.offset + len(head) + len(view)}, against the "
                                      f"CRC32 stored with the chunk): the file changed since the save")
     return crc32(after, combine(crc32(head), data_crc, len(view)))
+
+
+def read_rows_into(fd: int, path, info, fqn: str, target: torch.Tensor, chunk_shape: tuple[int, ...], row0: int,
+                   stored: torch.dtype | None = None) -> tuple[int, int, int] | None:
+    """Read rows `[row0, row0 + len(target))` of the plain chunk `info` into `target` (a resharded load).
+
+    `chunk_shape` is the stored chunk's shape; `stored` its dtype when `target` cannot take the
+    bytes directly (another dtype or device: read into a CPU tensor, then copied). Returns
+    `(absolute offset, length, crc32)` of the bytes read (only part of the chunk: the zip's own
+    CRC cannot be checked, the manifest's per-file CRC still is), or None if the chunk is not plain.
+    """
+    dtype = stored or target.dtype
+    lay = read_layout(fd, info.offset, info.length, dtype, tuple(chunk_shape))
+    if lay is None:
+        return None
+    row_bytes = lay.nbytes // chunk_shape[0] if chunk_shape[0] else 0
+    dest = target if stored is None else torch.empty(tuple(target.shape), dtype=dtype)
+    view = memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if dest.numel() else memoryview(b"")
+    start = lay.data_start + row0 * row_bytes
+    if start + len(view) > lay.data_start + lay.nbytes:
+        raise AssertionError(f"{fqn}: rows past the chunk's end")  # a planning bug, not a damaged file
+    if preadv_all(fd, [view], start) != len(view):
+        raise CorruptCheckpointError(f"{path}: truncated ({fqn!r} needs bytes {start}..{start + len(view)})")
+    crc = crc32(view)
+    if stored is not None:
+        target.copy_(dest)
+    return start, len(view), crc

@@ -37,7 +37,7 @@ from torch.futures import Future
 from cosmos_train import layout
 from cosmos_train.crc32 import combine as crc32_combine, crc32
 from cosmos_train.errors import CheckpointError, CorruptCheckpointError
-from cosmos_train.export.dcp_chunk import read_chunk_into
+from cosmos_train.export.dcp_chunk import read_chunk_into, read_rows_into
 
 METADATA_FILE = ".metadata"
 ALGORITHM = "crc32"  # the manifest's checksum (checkpoint.integrity writes it)
@@ -161,23 +161,29 @@ class SafeReader(FileSystemReader):
                 for index, item_reqs in by_item.items():
                     dest = self._in_place_target(self.storage_data[index], item_reqs, planner)
                     if dest is not None:
-                        req, target, stored = dest
+                        req, target, stored, rows = dest
                         if stored is None and target.data_ptr() in filled:
                             # Another item fills the same memory (an EMA entry that is the model's own
                             # buffer): stage this one, so no thread checksums memory another one writes.
                             stored = target.dtype
                         filled.add(target.data_ptr())
-                        reader = read_chunk_into if stored is None else functools.partial(_read_staged, stored)
-                        direct[index] = ((req, target), pool.submit(reader, f.fileno(), path, self.storage_data[index],
-                                                                    index.fqn, target, hints))
+                        info = self.storage_data[index]
+                        if rows is not None:  # part of the chunk (resharding): rows of it
+                            future = pool.submit(read_rows_into, f.fileno(), path, info, index.fqn, target, *rows,
+                                                 stored)
+                        else:
+                            reader = read_chunk_into if stored is None else functools.partial(_read_staged, stored)
+                            future = pool.submit(reader, f.fileno(), path, info, index.fqn, target, hints)
+                        direct[index] = ((req, target), future)
                 try:
                     for index, item_reqs in by_item.items():
                         info = self.storage_data[index]
                         if index in direct:
                             (req, target), future = direct[index]
-                            crc = future.result()
-                            if crc is not None:
-                                self._record_crc(rel, info.offset, info.length, crc)
+                            got = future.result()
+                            if got is not None:
+                                start, length, crc = got if isinstance(got, tuple) else (info.offset, info.length, got)
+                                self._record_crc(rel, start, length, crc)
                                 planner.commit_tensor(req, target)
                                 self.in_place_items += 1
                                 continue
@@ -197,27 +203,34 @@ class SafeReader(FileSystemReader):
         fut.set_result(None)
         return fut
 
-    def _in_place_target(self, info, reqs: list, planner) -> tuple[Any, torch.Tensor, torch.dtype | None] | None:
-        """`(request, destination, stored dtype or None)` when a chunk's bytes can be read without unpickling.
+    def _in_place_target(self, info, reqs: list, planner):
+        """`(request, destination, stored dtype or None, rows or None)` when a chunk's bytes can be read
+        without unpickling, else None.
 
-        That is: one tensor request for the whole stored chunk (no resharding), without a DCP
-        storage transform. The dtype is None when the destination is a contiguous CPU tensor of
-        the stored dtype (read straight into it); else (a GPU tensor, another dtype) the chunk is
-        read into a CPU tensor of the stored dtype and copied over (`_read_staged`).
+        That is: one tensor request, without a DCP storage transform, for the whole stored chunk or
+        (resharding) for whole rows of it: then `rows = (chunk shape, first row)`. The dtype is None
+        when the destination is a contiguous CPU tensor of the stored dtype (read straight into it);
+        else (a GPU tensor, another dtype) the bytes go through a CPU tensor of the stored dtype.
         """
         if len(reqs) != 1 or reqs[0].type != LoadItemType.TENSOR or info.transform_descriptors:
             return None
         req = reqs[0]
         md = self.read_metadata().state_dict_metadata.get(req.storage_index.fqn)
-        sizes = tuple(req.lengths)
-        if md is None or any(req.storage_offsets) or sizes != self._chunk_sizes(req.storage_index):
-            return None  # resharding: only part of the chunk is wanted
+        chunk = self._chunk_sizes(req.storage_index)
+        sizes, offsets = tuple(req.lengths), tuple(req.storage_offsets)
+        if md is None or chunk is None:
+            return None
+        rows = None
+        if any(offsets) or sizes != chunk:  # resharding: only part of the chunk is wanted
+            if not chunk or any(offsets[1:]) or sizes[1:] != chunk[1:]:
+                return None  # not whole rows: not one byte range
+            rows = (chunk, offsets[0])
         target = planner.resolve_tensor(req).detach()
         if tuple(target.shape) != sizes:
             return None
         stored = md.properties.dtype
         direct = target.device.type == "cpu" and target.is_contiguous() and target.dtype == stored
-        return req, target, None if direct else stored
+        return req, target, None if direct else stored, rows
 
     def _chunk_sizes(self, index) -> tuple[int, ...] | None:
         """The stored size of the chunk `index` (fqn + offset) from the metadata."""

@@ -108,3 +108,36 @@ def test_two_items_filling_the_same_tensor_do_not_race(tmp_path):
         dcp.load({"net.buf": shared, "net_ema.buf": shared}, storage_reader=reader,
                  planner=SafePlanner(source=ck), no_dist=True)
     assert torch.equal(shared, w) and reader.in_place_items == 2  # one read in place, one staged
+
+
+def _reshard_on_ranks(rank, world, ck):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    like = {"net.w": torch.zeros(300, 70), "net.h": torch.zeros(9, dtype=torch.float16)}
+    targets = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in like.items()}
+    reader = SafeReader(ck)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(targets, storage_reader=reader, planner=SafePlanner(source=ck))
+    return {k: v.full_tensor() for k, v in targets.items()}, reader.in_place_items, reader.segments
+
+
+def test_a_chunk_split_over_more_ranks_is_read_row_range_by_row_range(tmp_path):
+    from tests.dist import run_ranks
+
+    sd = _tensors()
+    ck = _save(tmp_path / "model", sd)  # one process: every tensor is one chunk
+    manifest = _manifest(ck)
+    results = run_ranks(_reshard_on_ranks, 2, ck, timeout=120)
+    for got, in_place, _ in results:
+        assert torch.equal(got["net.w"], sd["net.w"]) and torch.equal(got["net.h"], sd["net.h"])
+        assert in_place == 2  # each rank read its rows of both chunks in place
+    shares = [segments for _, _, segments in results]
+    assert verify_reads(tmp_path, "model", shares, manifest) == []  # the rows plus the gaps make the files
+    path, _, lay = _chunk(ck, "net.w")
+    _flip(path, lay.data_start + lay.nbytes - 10)  # in rank 1's rows
+    results = run_ranks(_reshard_on_ranks, 2, ck, timeout=120)
+    problems = verify_reads(tmp_path, "model", [segments for _, _, segments in results], manifest)
+    assert len(problems) == 1 and "crc32 mismatch" in problems[0] and str(path) in problems[0]
