@@ -374,15 +374,10 @@ class Checkpointer:
             return 0
         return step
 
+    @gc_paused()
     def _load_iteration(self, source: Source, parts: tuple[str, ...], *, skip: tuple[str, ...],
                         ema_to_reg: bool, ema_required: bool, adapters_only: bool) -> None:
         """The model through the shared loader; optimizer, scheduler and trainer state from DCP."""
-        with gc_paused():
-            self._load_parts(source, parts, skip=skip, ema_to_reg=ema_to_reg, ema_required=ema_required,
-                             adapters_only=adapters_only)
-
-    def _load_parts(self, source: Source, parts: tuple[str, ...], *, skip: tuple[str, ...],
-                    ema_to_reg: bool, ema_required: bool, adapters_only: bool) -> None:
         if "model" in parts:
             load_weights(source, self.model, self.ema, strict=self.ckpt.strict_resume, skip=skip,
                          ema_to_reg=ema_to_reg, ema_required=ema_required, adapters_only=adapters_only)

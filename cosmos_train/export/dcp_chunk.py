@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import struct
 import sys
@@ -55,9 +56,7 @@ class ChunkLayout:
 @functools.lru_cache(maxsize=256)
 def expected_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     """`data.pkl` that `torch.save(t)` writes for a contiguous tensor `t` with its own exact storage."""
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     buf = io.BytesIO()
     _StubPickler(buf, protocol=_PICKLE_PROTOCOL).dump(
         _TensorStub(_StorageStub("0", dtype, numel, numel * dtype.itemsize), shape))
@@ -105,24 +104,18 @@ def _record(head: bytes, lho: int, size: int) -> tuple[int, bytes] | None:
     return start, head[start:start + size]
 
 
-def _parse(head: bytes, tail: bytes, tail_start: int, length: int, dtype: torch.dtype,
+def _parse(head: bytes, cd: dict[str, tuple], length: int, dtype: torch.dtype,
            shape: tuple[int, ...]) -> tuple[int, int, int | None] | None:
-    """`(data start in the chunk, nbytes, stored crc32)` from the chunk's first bytes `head` and its bytes
-    from `tail_start` on (`tail`, which must hold the central directory), or None if not plain."""
-    if length < _EOCD.size or len(tail) < _EOCD.size or sys.byteorder != "little":
-        return None
-    cd = _central_directory(tail, tail_start)
-    if cd is None:
+    """`(data start in the chunk, nbytes, stored crc32)` from the chunk's first bytes `head` and its
+    central directory `cd` (`_central_directory`), or None if the chunk is not a plain tensor."""
+    if sys.byteorder != "little":
         return None
     pkl = [k for k in cd if k.endswith("/data.pkl")]
     data = [k for k in cd if "/data/" in k]
     if len(pkl) != 1 or len(data) != 1 or not data[0].endswith("/data/0"):
         return None  # more than one storage: not a lone contiguous tensor
-    numel = 1
-    for s in shape:
-        numel *= s
     method, crc, nbytes, lho = cd[data[0]]
-    if method != 0 or cd[pkl[0]][0] != 0 or nbytes != numel * dtype.itemsize:
+    if method != 0 or cd[pkl[0]][0] != 0 or nbytes != math.prod(shape) * dtype.itemsize:
         return None
     rec = _record(head, lho, 0)
     if rec is None or rec[0] + nbytes > length or rec[0] > len(head):
@@ -157,7 +150,7 @@ def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
     # Everything before the data: pickle, small records, data/0's local header (alignment padding in
     # its extra field). A little more than the offsets say, to cover that header's name and extra.
     head = _pread(fd, min(data[0][3] + _LOCAL.size + 512, length), offset)
-    found = None if head is None else _parse(head, tail, tail_start, length, dtype, shape)
+    found = None if head is None else _parse(head, cd, length, dtype, shape)
     if found is None:
         return None
     start, nbytes, crc = found
@@ -174,45 +167,57 @@ def read_layout(fd: int, offset: int, length: int, dtype: torch.dtype,
     return ChunkLayout(offset + start, nbytes, crc, head[:start], after)
 
 
-def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: dict | None = None) -> int | None:
+def _dest(target: torch.Tensor, stored: torch.dtype | None) -> tuple[torch.Tensor, memoryview]:
+    """Where the bytes go: `target` itself, or (`stored` given) a CPU tensor of that dtype to copy from."""
+    dest = target if stored is None else torch.empty(tuple(target.shape), dtype=stored)
+    return dest, memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if dest.numel() else memoryview(b"")
+
+
+def read_chunk_into(fd: int, path, info, fqn: str, target: torch.Tensor, hints: dict | None = None,
+                    stored: torch.dtype | None = None) -> int | None:
     """Read the plain chunk `info` (offset, length) of shard `fd` straight into `target`; its whole CRC32.
 
-    `target` is a contiguous CPU tensor of the chunk's dtype and shape. Returns the
-    CRC32 of the whole chunk (head + data + tail, as the manifest's per-file CRC needs),
-    or None when the chunk is not plain (then `target` holds garbage and must be filled
-    by the caller). A short read or a data CRC that differs from the one stored with the
-    chunk is a CorruptCheckpointError naming the file and tensor.
+    `target` is a contiguous CPU tensor of the chunk's dtype and shape, or (`stored` = the chunk's
+    dtype) any tensor of its shape: then the bytes go through a CPU tensor and are copied over (a
+    GPU or other-dtype destination). Returns the CRC32 of the whole chunk (head + data + tail, as
+    the manifest's per-file CRC needs), or None when the chunk is not plain (then `target` may hold
+    garbage and must be filled by the caller). A short read or a data CRC that differs from the one
+    stored with the chunk is a CorruptCheckpointError naming the file and tensor.
 
     `hints` (shared by the calls of one load) remembers where the data starts in chunks
     of each dtype/shape/length (torch.save lays them out the same way): a chunk with a
     known layout is read in one `preadv` (head, data into `target`, tail), then checked.
     """
+    dest, view = _dest(target, stored)
     hints = {} if hints is None else hints
-    key = (target.dtype, tuple(target.shape), info.length)
-    view = memoryview(target.reshape(-1).view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
-    found, head, after = None, b"", b""
+    key = (dest.dtype, tuple(dest.shape), info.length)
+    found = None
     start = hints.get(key)
     if start is not None and 0 <= start and start + len(view) + _EOCD.size <= info.length:
         head, after = bytearray(start), bytearray(info.length - start - len(view))
         if preadv_all(fd, [memoryview(head), view, memoryview(after)], info.offset) == info.length:
-            found = _parse(head, after, start + len(view), info.length, target.dtype, tuple(target.shape))
+            cd = _central_directory(after, start + len(view))
+            found = None if cd is None else _parse(head, cd, info.length, dest.dtype, tuple(dest.shape))
             if found is not None and (found[0], found[1]) != (start, len(view)):
                 found = None
-        stored = None if found is None else found[2]
-    if found is None:  # first chunk of its kind, or not laid out as guessed: locate, then read the data
-        lay = read_layout(fd, info.offset, info.length, target.dtype, tuple(target.shape))
+    if found is not None:
+        stored_crc = found[2]
+    else:  # first chunk of its kind, or not laid out as guessed: locate, then read the data
+        lay = read_layout(fd, info.offset, info.length, dest.dtype, tuple(dest.shape))
         if lay is None:
             return None
         hints[key] = lay.data_start - info.offset
-        head, after, stored = lay.head, lay.tail, lay.crc32
+        head, after, stored_crc = lay.head, lay.tail, lay.crc32
         if preadv_all(fd, [view], lay.data_start) != len(view):
             raise CorruptCheckpointError(f"{path}: truncated ({fqn!r} needs bytes {info.offset}.."
                                          f"{info.offset + info.length})")
     data_crc = crc32(view)
-    if stored is not None and data_crc != stored:
+    if stored_crc is not None and data_crc != stored_crc:
         raise CorruptCheckpointError(f"{path}: crc32 mismatch in tensor {fqn!r} (bytes "
                                      f"{info.offset + len(head)}..{info.offset + len(head) + len(view)}, against the "
                                      f"CRC32 stored with the chunk): the file changed since the save")
+    if dest is not target:
+        target.copy_(dest)
     return crc32(after, combine(crc32(head), data_crc, len(view)))
 
 
@@ -225,19 +230,17 @@ def read_rows_into(fd: int, path, info, fqn: str, target: torch.Tensor, chunk_sh
     `(absolute offset, length, crc32)` of the bytes read (only part of the chunk: the zip's own
     CRC cannot be checked, the manifest's per-file CRC still is), or None if the chunk is not plain.
     """
-    dtype = stored or target.dtype
-    lay = read_layout(fd, info.offset, info.length, dtype, tuple(chunk_shape))
+    dest, view = _dest(target, stored)
+    lay = read_layout(fd, info.offset, info.length, dest.dtype, tuple(chunk_shape))
     if lay is None:
         return None
     row_bytes = lay.nbytes // chunk_shape[0] if chunk_shape[0] else 0
-    dest = target if stored is None else torch.empty(tuple(target.shape), dtype=dtype)
-    view = memoryview(dest.reshape(-1).view(torch.uint8).numpy()) if dest.numel() else memoryview(b"")
     start = lay.data_start + row0 * row_bytes
     if start + len(view) > lay.data_start + lay.nbytes:
         raise AssertionError(f"{fqn}: rows past the chunk's end")  # a planning bug, not a damaged file
     if preadv_all(fd, [view], start) != len(view):
         raise CorruptCheckpointError(f"{path}: truncated ({fqn!r} needs bytes {start}..{start + len(view)})")
     crc = crc32(view)
-    if stored is not None:
+    if dest is not target:
         target.copy_(dest)
     return start, len(view), crc

@@ -18,7 +18,6 @@ be unpickled is a `CorruptCheckpointError` naming the file.
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import pickle
@@ -112,28 +111,20 @@ class SafeReader(FileSystemReader):
             except FileNotFoundError:
                 raise CheckpointError(f"{path}: missing DCP metadata file") from None
             md = read_metadata_file(path, raw=raw)
-            self._record(path.name, 0, raw)
+            self._record(path.name, 0, len(raw), crc32(raw))
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
             self._metadata = md
         return self._metadata
 
-    def _record(self, rel: str, start: int, data) -> None:
+    def _record(self, rel: str, start: int, length: int, crc: int) -> None:
+        """Note that bytes `[start, start + length)` of `rel` were read, with CRC32 `crc`."""
         runs = self.segments.setdefault(rel, [])
         if runs and runs[-1][1] == start:  # contiguous with the last run: extend its CRC
-            runs[-1][1] += len(data)
-            runs[-1][2] = crc32(data, runs[-1][2])
-        elif not any(r[0] == start for r in runs):  # an item read twice (resharding) counts once
-            runs.append([start, start + len(data), crc32(data)])
-
-    def _record_crc(self, rel: str, start: int, length: int, crc: int) -> None:
-        """Like `_record`, for bytes already checksummed (`crc`) where they were read."""
-        runs = self.segments.setdefault(rel, [])
-        if runs and runs[-1][1] == start:
             runs[-1][1] += length
             runs[-1][2] = crc32_combine(runs[-1][2], crc, length)
-        elif not any(r[0] == start for r in runs):
+        elif not any(r[0] == start for r in runs):  # an item read twice (resharding) counts once
             runs.append([start, start + length, crc])
 
     def read_data(self, plan, planner) -> Future:
@@ -172,8 +163,8 @@ class SafeReader(FileSystemReader):
                             future = pool.submit(read_rows_into, f.fileno(), path, info, index.fqn, target, *rows,
                                                  stored)
                         else:
-                            reader = read_chunk_into if stored is None else functools.partial(_read_staged, stored)
-                            future = pool.submit(reader, f.fileno(), path, info, index.fqn, target, hints)
+                            future = pool.submit(read_chunk_into, f.fileno(), path, info, index.fqn, target, hints,
+                                                 stored)
                         direct[index] = ((req, target), future)
                 try:
                     for index, item_reqs in by_item.items():
@@ -183,7 +174,7 @@ class SafeReader(FileSystemReader):
                             got = future.result()
                             if got is not None:
                                 start, length, crc = got if isinstance(got, tuple) else (info.offset, info.length, got)
-                                self._record_crc(rel, start, length, crc)
+                                self._record(rel, start, length, crc)
                                 planner.commit_tensor(req, target)
                                 self.in_place_items += 1
                                 continue
@@ -192,7 +183,7 @@ class SafeReader(FileSystemReader):
                         if len(data) != info.length:
                             raise CorruptCheckpointError(f"{path}: truncated ({index.fqn!r} needs "
                                                          f"bytes {info.offset}..{info.offset + info.length})")
-                        self._record(rel, info.offset, data)
+                        self._record(rel, info.offset, len(data), crc32(data))
                         for req in item_reqs:
                             self._deliver(req, info, data, path, planner)
                 except BaseException:
@@ -294,18 +285,6 @@ class SafePlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
-
-
-def _read_staged(dtype: torch.dtype, fd: int, path: Path, info, fqn: str, target: torch.Tensor,
-                 hints: dict) -> int | None:
-    """`read_chunk_into` a CPU tensor of the stored dtype, then copy it into `target` (GPU, other dtype).
-
-    Runs on a reader thread, so at most one chunk per thread is staged at a time."""
-    staged = torch.empty(tuple(target.shape), dtype=dtype)
-    crc = read_chunk_into(fd, path, info, fqn, staged, hints)
-    if crc is not None:
-        target.copy_(staged)
-    return crc
 
 
 def weights_only_reason(e: BaseException) -> str:

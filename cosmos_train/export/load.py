@@ -61,7 +61,8 @@ class Source:
 def gc_paused():
     """No cyclic garbage collection inside: a load allocates many small objects (metadata, plans), and
     each gen-2 collection walks every object of a training process (0.2 s per collection measured
-    in the 1 GB resume benchmark, once or twice per load). Reference counting still frees as usual."""
+    in the 1 GB resume benchmark, once or twice per load). Reference counting still frees as usual.
+    Also a decorator (`@gc_paused()`)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -132,11 +133,15 @@ def _share(value, multi: bool):
     return value
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _fill(target: dict, key_map: dict, reader: TensorSource | None, multi: bool) -> None:
     """Broadcast each full tensor from rank 0 and keep this rank's shard, in key order."""
     for k in sorted(key_map):
         t = target[k]
-        local = t.to_local() if isinstance(t, DTensor) else t
+        local = _local(t)
         if reader is not None:
             full = reader.load([key_map[k]])[key_map[k]].to(device=local.device, dtype=t.dtype)
             if tuple(full.shape) != tuple(t.shape):
@@ -155,18 +160,11 @@ def _fill(target: dict, key_map: dict, reader: TensorSource | None, multi: bool)
         del full
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _aliases_model(sd: dict, model: torch.nn.Module) -> bool:
     """True if every tensor of `sd` is (a view of the whole of) one of the model's parameters or buffers."""
-    live = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        x = _local(t)
-        live[(x.data_ptr(), x.numel(), x.dtype)] = True
-    return all((x.data_ptr(), x.numel(), x.dtype) in live for x in map(_local, sd.values())
-               if isinstance(x, torch.Tensor))
+    key = lambda t: (t.data_ptr(), t.numel(), t.dtype)  # noqa: E731
+    live = {key(_local(t)) for t in [*model.parameters(), *model.buffers()]}
+    return all(key(_local(x)) in live for x in sd.values() if isinstance(x, torch.Tensor))
 
 
 def _read_file(target: dict, key_map: dict, reader: TensorSource | None, multi: bool) -> list[str]:
@@ -210,6 +208,7 @@ def _read_dcp(part_dir: Path, msd: dict, esd: dict | None, plan: KeyPlan) -> Non
     check_reads_on_all_ranks(part_dir.parent, {part_dir.name: reader.segments})
 
 
+@gc_paused()
 def load_weights(source: Source, model: torch.nn.Module, ema=None, *, strict: bool = True,
                  skip: tuple[str, ...] = (), ema_to_reg: bool = False, ema_required: bool = False,
                  adapters_only: bool = False) -> None:
@@ -219,13 +218,6 @@ def load_weights(source: Source, model: torch.nn.Module, ema=None, *, strict: bo
     when not `strict`). Without `net_ema.` keys (and not `ema_required`) the EMA
     starts from the loaded regular weights. Collective under torch.distributed.
     """
-    with gc_paused():
-        _load_weights(source, model, ema, strict=strict, skip=skip, ema_to_reg=ema_to_reg,
-                      ema_required=ema_required, adapters_only=adapters_only)
-
-
-def _load_weights(source: Source, model: torch.nn.Module, ema, *, strict: bool, skip: tuple[str, ...],
-                  ema_to_reg: bool, ema_required: bool, adapters_only: bool) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     multi, rank = _world()

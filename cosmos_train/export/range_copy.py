@@ -193,7 +193,7 @@ class _Buffers:
 def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Range], *, mode: str = "auto",
                 checksum: bool = False, out_checksum: bool = True, threads: int = 2,
                 piece_bytes: int = PIECE_BYTES,
-                progress: Callable[[int], None] | None = None, write_behind: bool = True) -> CopyStats:
+                progress: Callable[[int], None] | None = None) -> CopyStats:
     """Copy every range of `ranges` from `sources[r.src]` into the open file `dst_fd`.
 
     The destination is written at explicit offsets only (its file position is
@@ -202,7 +202,7 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
     `stats.out_crcs` (written bytes), computed as the bytes pass (buffered); a converted range's
     written bytes are checksummed unless `out_checksum=False` (nothing needs them, e.g. safetensors).
     `progress(n)` is called (from the copy threads) with the bytes written by each piece.
-    `write_behind` starts the writeback of every piece as soon as it is written (`WriteBehind`).
+    The writeback of every piece starts as soon as it is written (`WriteBehind`).
     Raises OSError/EOFError naming the source file on a read failure.
     """
     if mode not in MODES:
@@ -221,7 +221,7 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         use_kernel = [mode == "kernel" or (mode == "auto" and not checksum)]
         local = threading.local()
-        behind = WriteBehind(dst_fd) if write_behind else None
+        behind = WriteBehind(dst_fd)
 
         def run(p: _Piece) -> None:
             try:
@@ -229,8 +229,7 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                     try:
                         _kernel_copy(fds[p.src], dst_fd, p)
                         stats._add(p.length, p.length, kernel=True)
-                        if behind is not None:
-                            behind.written(p.dst_offset, p.length)
+                        behind.written(p.dst_offset, p.length)
                         if progress is not None:
                             progress(p.length)
                         return
@@ -245,8 +244,7 @@ def copy_ranges(sources: Sequence[str | Path], dst_fd: int, ranges: Sequence[Ran
                 part_crcs[(p.index, p.part)] = _buffered_copy(fds[p.src], dst_fd, p, bufs, checksum,
                                                               out_checksum)
                 stats._add(p.length, _out_len(p), kernel=False)
-                if behind is not None:
-                    behind.written(p.dst_offset, _out_len(p))
+                behind.written(p.dst_offset, _out_len(p))
                 if progress is not None:
                     progress(_out_len(p))
             except EOFError as e:

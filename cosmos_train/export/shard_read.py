@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from cosmos_train.errors import CheckpointError
 from cosmos_train.export.pread import preadv_all
 from cosmos_train.export.tensor_source import TensorSource
+from cosmos_train.runtime.distributed import rank, world_size
 
 THREADS = 2  # one read in flight while another rank-local copy or cast runs
 
@@ -72,13 +73,18 @@ def sees_same_files(ids: dict[str, tuple[int, int]]) -> bool:
         return False
 
 
-def all_ranks(value: bool) -> bool:
-    """True if `value` is True on every rank (works on gloo and NCCL groups)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    got = [None] * dist.get_world_size()
+def _gathered(value) -> list:
+    """Every rank's `value`, on every rank (works on gloo and NCCL groups)."""
+    if world_size() == 1:
+        return [value]
+    got = [None] * world_size()
     dist.all_gather_object(got, value)
-    return all(got)
+    return got
+
+
+def all_ranks(value: bool) -> bool:
+    """True if `value` is True on every rank."""
+    return all(_gathered(value))
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -164,10 +170,5 @@ def _read_one(fd: int, name: str, span: Span, local: torch.Tensor, row0: int) ->
 
 def _gather_failures(error: BaseException | None) -> list[str]:
     """Every rank's failure (`rank N: ...`), on every rank."""
-    mine = None if error is None else f"rank {dist.get_rank() if dist.is_initialized() else 0}: " \
-                                      f"{type(error).__name__}: {error}"
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [mine] if mine else []
-    got = [None] * dist.get_world_size()
-    dist.all_gather_object(got, mine)
-    return [g for g in got if g]
+    mine = None if error is None else f"rank {rank()}: {type(error).__name__}: {error}"
+    return [g for g in _gathered(mine) if g]
